@@ -1,0 +1,142 @@
+"""model.py against references: FlexAttention vs dense SDPA, float64 gradients,
+document/window isolation, heads, parameter counts."""
+import pytest
+import torch
+
+from model import CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, document_ids
+
+
+def random_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    m = KBERT(ModelConfig(preset="tiny", **overrides))
+    with torch.no_grad():  # zero-init output projections would hide attention bugs
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(std=0.05)
+    return m
+
+
+def packed_batch(B=2, T=512, seed=0):
+    """Rows of several documents of uneven lengths, one row ending in padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50000, (B, T), generator=g)
+    ids[:, 0] = CLS_ID
+    ids[0, [p for p in (70, 130, 333) if p < T]] = CLS_ID
+    if B > 1:
+        ids[1, 200] = CLS_ID
+        ids[1, T - 62 :] = PAD_ID
+    return ids
+
+
+def test_document_ids_padding_is_its_own_document():
+    ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, PAD_ID, PAD_ID]])
+    assert document_ids(ids).tolist() == [[1, 1, 1, 2, 2, 3, 3]]
+
+
+@torch.no_grad()
+def test_flex_attention_forward_matches_sdpa_path():
+    m = random_model(local_window=100, global_window=300)
+    ids = packed_batch()
+    m.attn_backend = "sdpa"
+    dense = m(ids)
+    m.attn_backend = "flex"
+    flex = m(ids)
+    err = (dense - flex).abs().max().item()
+    print(f"FlexAttention vs SDPA max abs diff (tiny, fp32, T=512): {err:.3e}")
+    assert err < 1e-4
+
+
+def test_gradients_match_float64_reference():
+    m = random_model(local_window=64)
+    ids = packed_batch(T=256)
+    labels = torch.full_like(ids, -100)
+    labels[:, 5::7] = ids[:, 5::7]
+    loss, _, _ = m.mlm_loss(m(ids), labels)
+    loss.backward()
+    ref = random_model(local_window=64).double()
+    loss64, _, _ = ref.mlm_loss(ref(ids), labels)
+    loss64.backward()
+    worst = 0.0
+    for (name, p), p64 in zip(m.named_parameters(), ref.parameters()):
+        rel = ((p.grad.double() - p64.grad).norm() / p64.grad.norm().clamp_min(1e-12)).item()
+        worst = max(worst, rel)
+    print(f"CPU path grad vs float64: worst relative error {worst:.2e}")
+    assert abs(loss.item() - loss64.item()) < 1e-4
+    assert worst < 1e-3
+
+
+@torch.no_grad()
+def test_masks_never_cross_documents_or_windows():
+    m = random_model(n_layer=1, local_window=16, global_window=16)  # 1 layer: receptive field = window
+    ids = packed_batch(B=1, T=256)
+    base = m(ids)
+    pert = ids.clone()
+    pert[0, 140:150] = (pert[0, 140:150] + 1) % 50000  # inside document 3 (130..332)
+    out = m(pert)
+    changed = (out - base).abs().amax(-1)[0] > 0
+    pos = torch.nonzero(changed).flatten()
+    assert changed[140:150].all()
+    assert pos.min() >= 140 - 15 and pos.max() <= 149 + 15  # window |i - j| < 16
+    assert pos.min() >= 130  # never leaks into the previous document (which ends at 129)
+    # a deep model: other documents and other rows stay bit-identical
+    ids2 = packed_batch(B=2, T=512)
+    deep = random_model()
+    h = deep(ids2)
+    ids3 = ids2.clone()
+    ids3[0, 71:130] = torch.randint(0, 50000, (59,))  # the body of document 2 of row 0
+    h3 = deep(ids3)
+    assert torch.equal(h[0, :70], h3[0, :70]) and torch.equal(h[0, 130:], h3[0, 130:])
+    assert torch.equal(h[1], h3[1])
+
+
+def test_mlm_loss_only_at_labelled_positions():
+    m = random_model()
+    ids = packed_batch(T=256)
+    h = m(ids)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3] = 17
+    loss, correct, n = m.mlm_loss(h, labels)
+    ref = torch.nn.functional.cross_entropy(m.mlm_logits(h[0, 3:4]), torch.tensor([17]))
+    assert n == 1 and torch.allclose(loss, ref)
+    assert m.mlm_logits(h[0]).abs().max() <= m.cfg.softcap
+
+
+def test_heads_shapes_and_losses():
+    h = torch.randn(3, 10, 64)
+    cls = ClassificationHead(64, 3)
+    logits = cls(h[:, 0])
+    assert logits.shape == (3, 3) and torch.allclose(cls.loss(logits, torch.tensor([0, 1, 2])), torch.log(torch.tensor(3.0)))
+    reg = ClassificationHead(64, 1)
+    assert reg.loss(reg(h[:, 0]), torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx((1 + 4 + 9) / 3)
+    span = SpanHead(64)
+    s, e = span(h)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[:, 8:] = False
+    loss = SpanHead.loss(s, e, torch.tensor([0, 1, 2]), torch.tensor([0, 3, 4]), valid)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(8.0)).item(), rel=1e-5)
+
+
+def test_preset_parameter_counts():
+    counts = {}
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts[name] = KBERT(ModelConfig(preset=name)).param_counts()
+        print(name, counts[name])
+    assert counts["tiny"]["total"] < 5e6
+    assert 145e6 < counts["base"]["total"] < 155e6  # ModernBERT-base: 149M
+    assert counts["small"]["total"] < counts["base"]["total"] < counts["large"]["total"]
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig(preset="huge")
+    with pytest.raises(ValueError, match="heads"):
+        ModelConfig(preset="tiny", n_head=3)
+
+
+def test_init_is_deterministic_and_output_projections_zero():
+    a, b = KBERT(ModelConfig(preset="tiny")), KBERT(ModelConfig(preset="tiny"))
+    a.init_weights(seed=1)
+    b.init_weights(seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.blocks[0].attn.proj.weight.abs().sum() == 0 and a.blocks[0].mlp.proj.weight.abs().sum() == 0
