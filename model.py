@@ -301,11 +301,16 @@ class KBERT(nn.Module):
         """Cross-entropy only at positions with a label (labels >= 0): the head never sees
         the ~80% of positions that carry no prediction. Returns (loss, n_correct, n_labels)."""
         sel = labels >= 0
-        logits = self.mlm_logits(hidden[sel])
         target = labels[sel]
-        loss = F.cross_entropy(logits, target, reduction=reduction)
-        correct = (logits.argmax(-1) == target).sum()
+        loss, correct = self.mlm_head_loss(hidden[sel], target, reduction)
         return loss, correct, target.numel()
+
+    def mlm_head_loss(self, h: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
+        """h (N, D), target (N,) -> (loss, n_correct). Separate from mlm_loss so the trainer
+        can compile it with a dynamic N (the number of predicted tokens varies per batch)."""
+        logits = self.mlm_logits(h)
+        loss = F.cross_entropy(logits, target, reduction=reduction)
+        return loss, (logits.argmax(-1) == target).sum()
 
     def param_counts(self) -> dict:
         total = sum(p.numel() for p in self.parameters())

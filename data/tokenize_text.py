@@ -1,0 +1,190 @@
+"""Turn any text source into GPT-2 token shards in the format trainer.py reads.
+
+    # local files (jsonl with a "text" field, parquet with a "text" column, or .txt = one document)
+    python data/tokenize_text.py --files "corpus/*.jsonl" --out data/shards/mycorpus
+    # a Hub dataset, streamed (e.g. the FineWeb-EDU path past 10B tokens)
+    python data/tokenize_text.py --hf-dataset HuggingFaceFW/fineweb-edu --hf-config sample-100BT --out data/shards/fwe100
+
+Each document becomes `<|endoftext|> tokens`. A document goes to the validation split when
+a hash of its text falls under --val-permille, so validation never overlaps training
+(exact duplicates land on the same side). Shards: {prefix}_val_NNNNNN.bin and
+{prefix}_train_NNNNNN.bin. Runs in parallel over --workers processes and is resumable:
+progress is saved with each train shard and a rerun continues where it stopped.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from shards import write_shard
+
+EOT = 50256
+_enc = None
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    global _enc
+    if _enc is None:
+        import tiktoken
+
+        try:
+            _enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise RuntimeError(f"cannot load GPT-2 BPE files ({e}); set TIKTOKEN_CACHE_DIR, see ../shared/README.md") from None
+    return [np.array([EOT] + ids, dtype=np.uint16) for ids in _enc.encode_ordinary_batch(texts)]
+
+
+def is_val(text: str, permille: int) -> bool:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") % 1000 < permille
+
+
+def iter_local(patterns: list[str], field: str):
+    paths = sorted(p for pat in patterns for p in glob.glob(pat))
+    if not paths:
+        raise FileNotFoundError(f"no files match {patterns}")
+    for path in paths:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        if field not in row:
+                            raise KeyError(f"{path}:{n}: no field {field!r} (keys: {sorted(row)}); use --field")
+                        yield row[field]
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if field not in table.column_names:
+                raise KeyError(f"{path}: no column {field!r} (columns: {table.column_names}); use --field")
+            yield from table.column(field).to_pylist()
+        elif path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        else:
+            raise ValueError(f"{path}: unsupported file type (use .jsonl, .parquet or .txt)")
+
+
+def iter_hub(name: str, config: str | None, split: str, field: str):
+    from datasets import load_dataset
+
+    for row in load_dataset(name, config, split=split, streaming=True):
+        yield row[field]
+
+
+def batched(it, n):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--files", nargs="+", help="glob(s) of local .jsonl/.parquet/.txt files")
+    src.add_argument("--hf-dataset", help="Hub dataset name, streamed")
+    ap.add_argument("--hf-config", default=None)
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--field", default="text")
+    ap.add_argument("--out", required=True, help="output prefix, e.g. data/shards/mycorpus")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    ap.add_argument("--val-permille", type=int, default=5, help="documents per 1000 routed to validation")
+    ap.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0 = all)")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--batch-docs", type=int, default=256)
+    args = ap.parse_args(argv)
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    state_path = args.out + ".progress.json"
+    state = {"docs": 0, "train_shard": 1, "val_shard": 0}
+    pending = {"train": np.zeros(0, np.uint16), "val": np.zeros(0, np.uint16)}
+    if os.path.exists(state_path):  # resume
+        state = json.load(open(state_path))
+        for split in pending:
+            p = f"{args.out}.pending_{split}.npy"
+            if os.path.exists(p):
+                pending[split] = np.load(p)
+        print(f"resuming after {state['docs']:,} documents")
+        if state.get("done"):
+            print("already complete")
+            return
+
+    texts = iter_local(args.files, args.field) if args.files else iter_hub(args.hf_dataset, args.hf_config, args.split, args.field)
+    bufs = {k: [v] for k, v in pending.items()}
+    sizes = {k: v.size for k, v in pending.items()}
+
+    def flush(split, final=False):
+        nonlocal bufs
+        while sizes[split] >= args.shard_tokens or (final and sizes[split] > 0):
+            flat = np.concatenate(bufs[split])
+            n = min(args.shard_tokens, flat.size)
+            key = f"{split}_shard"
+            write_shard(f"{args.out}_{split}_{state[key]:06d}.bin", flat[:n])
+            state[key] += 1
+            bufs[split], sizes[split] = [flat[n:]], flat.size - n
+
+    def save_state(done=False):
+        for split in bufs:
+            flat = np.concatenate(bufs[split])
+            bufs[split] = [flat]
+            np.save(f"{args.out}.pending_{split}.npy.tmp.npy", flat)
+            os.replace(f"{args.out}.pending_{split}.npy.tmp.npy", f"{args.out}.pending_{split}.npy")
+        json.dump({**state, "done": done}, open(state_path + ".tmp", "w"))
+        os.replace(state_path + ".tmp", state_path)
+
+    skip = state["docs"]
+    limit = args.max_docs or float("inf")
+    with mp.get_context("spawn").Pool(args.workers) as pool, tqdm(unit="doc", initial=skip) as bar:
+        def docs():
+            for i, t in enumerate(texts):
+                if i >= limit:
+                    return
+                if i >= skip:
+                    yield t
+
+        for texts_b, toks_b in zip_batches(pool, batched(docs(), args.batch_docs), 4 * args.workers):
+            shard_before = state["train_shard"]
+            for text, toks in zip(texts_b, toks_b):
+                split = "val" if is_val(text, args.val_permille) else "train"
+                bufs[split].append(toks)
+                sizes[split] += toks.size
+            state["docs"] += len(texts_b)
+            bar.update(len(texts_b))
+            flush("val")
+            flush("train")
+            if state["train_shard"] != shard_before:
+                save_state()
+    flush("val", final=True)
+    flush("train", final=True)
+    save_state(done=True)
+    print(f"{state['docs']:,} documents -> {state['train_shard'] - 1} train and {state['val_shard']} val shards at {args.out}_*")
+
+
+def zip_batches(pool, batches, in_flight: int):
+    """Tokenize batches in parallel, in order, yielding (texts, token arrays)."""
+    window = []
+    for b in batches:
+        window.append((b, pool.apply_async(_encode_batch, (b,))))
+        if len(window) >= in_flight:
+            texts, res = window.pop(0)
+            yield texts, res.get()
+    for texts, res in window:
+        yield texts, res.get()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,670 @@
+"""KBERT masked-language-model pretraining.
+
+    python trainer.py --demo                                  # tiny model, CPU, a few minutes
+    torchrun --standalone --nproc_per_node=8 trainer.py       # KBERT-base on FineWeb-EDU 10B
+    torchrun ... trainer.py --train.resume checkpoints/RUN_ID # continue a run exactly
+
+Every hyperparameter is a field below, overridable as `--group.key value`.
+Sections: hyperparameters -> distributed setup and logging -> data -> masking ->
+model and optimizer -> schedules -> checkpoints and export -> training loop.
+"""
+import dataclasses
+import glob
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import common
+from data.shards import open_shard, write_shard
+from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig
+from optimizer import MuonAdamW
+
+# ----------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class TrainConfig:
+    run_id: str = ""  # logs/<run_id>.txt and checkpoints/<run_id>/; empty: kbert-<timestamp>
+    seed: int = 0  # model init and MLM masks (masks are keyed to data positions, not ranks)
+    steps: int = 18_700  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
+    batch_tokens: int = 524_288  # global tokens per step (64 x 8192), fixed whatever the world size
+    micro_batch_seqs: int = 8  # sequences per forward/backward on one device; grad accumulation is derived
+    batch_tokens_start: int = 0  # >0: batch-size warm-up, linear from this to batch_tokens ...
+    batch_warmup_frac: float = 0.0  # ... over this fraction of the steps
+    lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
+    lr_embed: float = 0.01  # token embedding, tied MLM head (AdamW)
+    lr_scalar: float = 0.01  # gains, residual mixes, skip weights (AdamW)
+    weight_decay: float = 0.0  # decoupled, on hidden matrices only
+    adam_betas: str = "0.8,0.95"  # modded-nanogpt's betas for embeddings and scalars
+    warmup_frac: float = 0.01  # linear lr warm-up
+    cooldown_frac: float = 0.3  # linear decay to 0 over the last 30% (warmup-stable-decay)
+    muon_momentum_start: float = 0.85  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
+    muon_momentum_end: float = 0.95
+    muon_momentum_warmup_steps: int = 300
+    mask_rate_start: float = 0.30  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
+    mask_rate_end: float = 0.15  # ... down to BERT's 0.15
+    random_frac_start: float = 0.10  # of the predicted tokens: replaced by a random token ...
+    random_frac_end: float = 0.02
+    keep_frac_start: float = 0.10  # ... or left unchanged; the rest become [MASK]
+    keep_frac_end: float = 0.02
+    local_window_start: int = 128  # sliding window of local layers (tokens), start -> end ...
+    local_window_end: int = 128
+    global_window_start: int = 1024  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
+    global_window_end: int = 8192
+    window_grow_frac: float = 0.5  # windows reach their end values at this fraction of training
+    val_every: int = 500  # steps between validations (and at the end)
+    val_tokens: int = 4_194_304  # fixed validation budget, same masks every time
+    save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept per run
+    checkpoint_dir: str = "checkpoints"
+    resume: str = ""  # a checkpoint file or a checkpoint folder (its newest good file)
+    export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
+    hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
+    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    device: str = "auto"  # auto: cuda if available
+    log_every: int = 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "files"  # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
+    train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"
+    val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"
+    seq_len: int = 8192  # packed sequence length (multiple of 128 for FlexAttention)
+
+
+GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
+
+# `python trainer.py --demo`: a tiny KBERT on the Python docs that ship with Python, on CPU.
+DEMO = {
+    "model": dict(preset="tiny", global_window=512),
+    "data": dict(source="pydoc", seq_len=512),
+    "train": dict(steps=300, batch_tokens=4096, micro_batch_seqs=8, lr_muon=0.04, lr_embed=0.03, lr_scalar=0.02,
+                  warmup_frac=0.02, muon_momentum_warmup_steps=50, local_window_start=64, local_window_end=128,
+                  global_window_start=256, global_window_end=512, val_every=50, val_tokens=32768, save_every=100),
+}
+
+
+@dataclass
+class Hyperparameters:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    overrides, flags = common.parse_overrides(argv, GROUPS, flags=("demo",))
+    groups = {}
+    for name, cls in GROUPS.items():
+        kwargs = {**(DEMO[name] if "demo" in flags else {}), **overrides[name]}
+        try:
+            groups[name] = cls(**kwargs)
+        except ValueError as e:
+            raise SystemExit(f"--{name}.*: {e}") from None
+    hp = Hyperparameters(**groups)
+    check(hp)
+    return hp
+
+
+def check(hp: Hyperparameters):
+    t, d = hp.train, hp.data
+    if d.seq_len % 128:
+        raise SystemExit(f"--data.seq_len {d.seq_len} must be a multiple of 128")
+    if t.batch_tokens % d.seq_len:
+        raise SystemExit(f"--train.batch_tokens {t.batch_tokens} must be a multiple of --data.seq_len {d.seq_len}")
+    if d.source not in ("files", "pydoc"):
+        raise SystemExit(f"--data.source must be 'files' or 'pydoc', got {d.source!r}")
+    for name in ("local_window_start", "local_window_end", "global_window_start", "global_window_end"):
+        if getattr(t, name) < 1:
+            raise SystemExit(f"--train.{name} must be >= 1")
+    for name in ("mask_rate_start", "mask_rate_end"):
+        if not 0 < getattr(t, name) < 1:
+            raise SystemExit(f"--train.{name} must be in (0, 1)")
+    if t.random_frac_start + t.keep_frac_start > 1 or t.random_frac_end + t.keep_frac_end > 1:
+        raise SystemExit("--train.random_frac_* + --train.keep_frac_* must not exceed 1")
+    if t.steps < 1:
+        raise SystemExit("--train.steps must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------
+# Data: shards -> documents -> packed fixed-length sequences
+
+
+def build_pydoc_corpus(folder: str = "data/pydoc", val_permille: int = 50) -> None:
+    """The demo's embedded default: the pydoc topic pages and the module docstrings of the
+    standard library that ship with every Python, tokenized once into train/val shards.
+    A document goes to validation by a hash of its text, so the splits never overlap."""
+    if glob.glob(os.path.join(folder, "pydoc_train_*.bin")) and glob.glob(os.path.join(folder, "pydoc_val_*.bin")):
+        return
+    import ast
+    import sysconfig
+
+    import pydoc_data.topics
+
+    from tokenizer import Tokenizer
+
+    texts = [t for _, t in sorted(pydoc_data.topics.topics.items())]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py"))):
+        if "test" in path or "site-packages" in path:
+            continue
+        try:
+            tree = ast.parse(open(path, encoding="utf-8").read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        docs = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))]
+        text = "\n\n".join(d for d in docs if d)
+        if len(text) > 200:
+            texts.append(text)
+    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]  # mix topics and modules
+    tok = Tokenizer()
+    split = {"train": [], "val": []}
+    for text, ids in zip(texts, tok.encode_documents(texts)):
+        h = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1000
+        split["val" if h < val_permille else "train"].append(np.array(ids, dtype=np.uint16))
+    os.makedirs(folder, exist_ok=True)
+    write_shard(os.path.join(folder, "pydoc_val_000000.bin"), np.concatenate(split["val"]))
+    write_shard(os.path.join(folder, "pydoc_train_000001.bin"), np.concatenate(split["train"]))
+
+
+def shard_files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"no {what} shards match {pattern!r}. Download FineWeb-EDU with "
+                         "`python data/download_fineweb_edu.py`, tokenize your own text with data/tokenize_text.py "
+                         "and point --data.train_files/--data.val_files at it, or run the CPU demo with --demo.")
+    return files
+
+
+class PackedLoader:
+    """A deterministic stream of packed sequences of `seq_len` tokens.
+
+    Documents are taken in order from the shards (shard order reshuffled by the seed every
+    epoch) and placed whole; when the next one does not fit, the rest of the sequence is
+    [PAD] (its own document, never attended by real tokens) and it starts the next
+    sequence. A document longer than a sequence is split: it fills the rest of the current
+    sequence and following ones, each piece after the first starting with an inserted
+    [CLS]. No token is dropped. Sequence n of the stream is the same for every world size;
+    `state_dict()` is the exact position, so a resumed run sees exactly the same data."""
+
+    def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True):
+        self.files, self.T, self.seed, self.shuffle = files, seq_len, seed, shuffle
+        self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = 0, 0, 0, False, 0
+        self._loaded = None  # (path, tokens memmap, document start positions)
+        for f in files:
+            open_shard(f)  # validate every header up front, naming the bad file
+
+    def _order(self) -> list[str]:
+        if not self.shuffle:
+            return self.files
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return [self.files[i] for i in rng.permutation(len(self.files))]
+
+    def _shard(self):
+        path = self._order()[self.file_idx]
+        if self._loaded is None or self._loaded[0] != path or self._loaded[3] != self.epoch:
+            tokens = open_shard(path)
+            starts = np.flatnonzero(tokens == CLS_ID)
+            self._loaded = (path, tokens, starts, self.epoch)
+        return self._loaded[1], self._loaded[2]
+
+    def _next_piece(self):
+        """The current document's remaining tokens (a view) and whether a [CLS] must be
+        inserted in front of them."""
+        tokens, starts = self._shard()
+        while self.pos >= len(tokens):  # shard exhausted
+            self.file_idx, self.pos, self.cont = self.file_idx + 1, 0, False
+            if self.file_idx == len(self.files):
+                self.epoch, self.file_idx = self.epoch + 1, 0
+            tokens, starts = self._shard()
+        nxt = np.searchsorted(starts, self.pos, side="right")
+        end = starts[nxt] if nxt < len(starts) else len(tokens)
+        need_cls = self.cont or tokens[self.pos] != CLS_ID  # a split piece or a shard starting mid-document
+        return tokens[self.pos:end], need_cls
+
+    def next_sequence(self) -> np.ndarray:
+        T = self.T
+        seq = np.full(T, PAD_ID, dtype=np.int32)
+        fill = 0
+        while fill < T:
+            piece, need_cls = self._next_piece()
+            length = len(piece) + need_cls
+            space = T - fill
+            if length <= space:  # the whole (rest of the) document fits
+                if need_cls:
+                    seq[fill] = CLS_ID
+                seq[fill + need_cls: fill + length] = piece
+                fill += length
+                self.pos += len(piece)
+                self.cont = False
+            elif length > T and space >= 2:  # longer than a sequence: split it here
+                take = space - need_cls
+                if need_cls:
+                    seq[fill] = CLS_ID
+                seq[fill + need_cls:] = piece[:take]
+                self.pos += take
+                self.cont = True
+                fill = T
+            else:  # fits in the next sequence: pad the rest of this one
+                break
+        self.seq_index += 1
+        return seq
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, int]:
+        """n sequences (n, T) and the stream index of the first one."""
+        first = self.seq_index
+        return np.stack([self.next_sequence() for _ in range(n)]), first
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "file_idx": self.file_idx, "pos": self.pos, "cont": self.cont,
+                "seq_index": self.seq_index, "files": [os.path.basename(f) for f in self.files]}
+
+    def load_state_dict(self, s: dict):
+        if s["files"] != [os.path.basename(f) for f in self.files]:
+            raise SystemExit("the checkpoint was made on other data shards than --data.train_files matches now: "
+                             f"{s['files'][:3]}... vs {[os.path.basename(f) for f in self.files][:3]}...")
+        self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = s["epoch"], s["file_idx"], s["pos"], s["cont"], s["seq_index"]
+
+
+def attention_pairs(batch: np.ndarray, window: int) -> int:
+    """Number of (query, key) pairs a window-W document mask lets through, summed over the
+    real (non-padding) documents of a batch: a document of length L has L^2 pairs when
+    L <= W, else L(2W - 1) - W(W - 1). Used for the attention term of the FLOP count."""
+    flat = batch.reshape(-1)
+    T = batch.shape[-1]
+    is_start = (flat == CLS_ID)
+    is_start[::T] = True  # every row begins a segment (pads after the last doc at row ends)
+    pad = flat == PAD_ID
+    is_start |= pad & ~np.concatenate([[False], pad[:-1]])
+    starts = np.flatnonzero(is_start)
+    lengths = np.diff(np.append(starts, flat.size)).astype(np.int64)
+    lengths = lengths[~pad[starts]]
+    W = window
+    return int(np.where(lengths <= W, lengths**2, lengths * (2 * W - 1) - W * (W - 1)).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# MLM masking on the device, keyed to the data position (not the rank or step)
+
+_M31 = 0x7FFFFFFF
+
+
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    """A small integer hash on int64 tensors holding values < 2^31 (products stay < 2^62)."""
+    for c in (0x2C1B3C6D, 0x297A2D39, 0x1B873593):
+        x = ((x ^ (x >> 15)) * c) & _M31
+    return x ^ (x >> 16)
+
+
+def position_uniforms(positions: torch.Tensor, seed: int, n: int) -> list[torch.Tensor]:
+    """n independent uniforms in [0, 1) per global token position (int64 tensor)."""
+    hi = _hash31((positions >> 31) + seed * 0x9E3779B + 1)
+    base = _hash31((positions & _M31) ^ hi)
+    return [_hash31(base ^ _hash31(torch.full_like(base, k + 1))).double().div(2**31).float() for k in range(n)]
+
+
+def mask_tokens(ids: torch.Tensor, first_seq: int, seed: int, mask_rate: float, random_frac: float, keep_frac: float):
+    """ids (B, T) -> (inputs, labels). Positions are `(first_seq + row) * T + col` in the
+    global stream, so a token gets the same mask on 1 or N ranks and after a resume.
+    Special tokens are never selected; labels are -100 where nothing is predicted."""
+    B, T = ids.shape
+    rows = torch.arange(first_seq, first_seq + B, device=ids.device, dtype=torch.int64)
+    pos = rows[:, None] * T + torch.arange(T, device=ids.device, dtype=torch.int64)[None]
+    u_sel, u_kind, u_tok = position_uniforms(pos, seed, 3)
+    special = ids >= CLS_ID
+    selected = (u_sel < mask_rate) & ~special
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    random_tok = (u_tok * CLS_ID).long().clamp(max=CLS_ID - 1)
+    inputs = torch.where(selected & (u_kind >= random_frac + keep_frac), torch.full_like(ids, MASK_ID), ids)
+    inputs = torch.where(selected & (u_kind < random_frac), random_tok, inputs)
+    return inputs, labels
+
+
+# ----------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | None = None) -> MuonAdamW:
+    """Muon: 2-D matrices inside the blocks. AdamW: the embedding (= tied MLM head), and
+    every gain and scalar. `extra_adam`: (params, lr) of task heads (finetuner)."""
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+    embed = [p for n, p in model.named_parameters() if n.startswith(("embed.", "mlm_head."))]
+    scalars = [p for n, p in model.named_parameters() if not n.startswith(("blocks.", "embed.", "mlm_head.")) or
+               (n.startswith("blocks.") and p.ndim != 2)]
+    betas = tuple(float(b) for b in t.adam_betas.split(","))
+    groups = [dict(kind="muon", params=hidden, lr=t.lr_muon, momentum=t.muon_momentum_end, weight_decay=t.weight_decay),
+              dict(kind="adamw", params=embed, lr=t.lr_embed, betas=betas),
+              dict(kind="adamw", params=scalars, lr=t.lr_scalar, betas=betas)]
+    all_params = list(model.parameters())
+    for params, lr in extra_adam or []:
+        groups.append(dict(kind="adamw", params=params, lr=lr, betas=betas))
+        all_params += list(params)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return MuonAdamW([g for g in groups if g["params"]], params_expected=all_params)
+
+
+def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_local: int, pairs_global: int) -> float:
+    """FLOPs of forward + backward (x3 of forward), multiply-add = 2 FLOPs:
+    matmuls 6 * N_matmul * tokens, with N_matmul = n_layer * (4 d^2 + 2 d d_mlp);
+    attention 12 * d * (attended pairs) per layer (QK^T and PV), local or global pairs;
+    MLM head 6 * d * V on predicted tokens only. Norms, rotary and softmax are not counted."""
+    d = cfg.d_model
+    n_matmul = cfg.n_layer * (4 * d * d + 2 * d * cfg.d_mlp)
+    n_global = sum(cfg.is_global(i) for i in range(cfg.n_layer))
+    attn = 12 * d * (pairs_global * n_global + pairs_local * (cfg.n_layer - n_global))
+    return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12, "B200": 2250e12}  # dense bf16, vendor
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules: functions of the step (pure, so a resumed run recomputes them exactly)
+
+
+def lerp(a, b, frac):
+    return a + (b - a) * min(max(frac, 0.0), 1.0)
+
+
+def lr_multiplier(step: int, t: TrainConfig) -> float:
+    warm, cool = max(1, round(t.warmup_frac * t.steps)), round(t.cooldown_frac * t.steps)
+    if step < warm:
+        return (step + 1) / warm
+    if step >= t.steps - cool:
+        return max(0.0, (t.steps - step) / max(1, cool))
+    return 1.0
+
+
+def windows_at(step: int, t: TrainConfig) -> tuple[int, int]:
+    """Local and global windows, grown linearly and rounded up to 128-token blocks."""
+    frac = step / max(1, t.window_grow_frac * t.steps)
+
+    def grow(a, b):
+        w = lerp(a, b, frac)
+        return int(math.ceil(w / 128) * 128) if w >= 128 else int(w)
+
+    return grow(t.local_window_start, t.local_window_end), grow(t.global_window_start, t.global_window_end)
+
+
+def masking_at(step: int, t: TrainConfig) -> tuple[float, float, float]:
+    frac = step / max(1, t.steps - 1)
+    return (lerp(t.mask_rate_start, t.mask_rate_end, frac), lerp(t.random_frac_start, t.random_frac_end, frac),
+            lerp(t.keep_frac_start, t.keep_frac_end, frac))
+
+
+def batch_seqs_at(step: int, t: TrainConfig, seq_len: int, unit: int) -> int:
+    """Sequences in this step's global batch (a multiple of `unit` = world x micro batch)."""
+    full = t.batch_tokens // seq_len
+    if t.batch_tokens_start <= 0 or t.batch_warmup_frac <= 0:
+        return full
+    start = t.batch_tokens_start // seq_len
+    n = lerp(start, full, step / max(1, t.batch_warmup_frac * t.steps))
+    return max(unit, int(n) // unit * unit)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints (training state, weights_only loading) and export (safetensors)
+
+
+def checkpoint_paths(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "step_*.pt")))
+
+
+def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tokens_seen: int, hp: Hyperparameters, keep: int, log):
+    opt_state = opt.state_dict()  # collective: every rank must call it
+    if not log.master:
+        return
+    os.makedirs(folder, exist_ok=True)
+    state = {"run_id": run_id, "step": step, "tokens_seen": tokens_seen, "model": model.state_dict(), "optimizer": opt_state,
+             "loader": loader.state_dict(), "rng_cpu": torch.get_rng_state(), "config": common.config_to_dict(hp)}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    path = os.path.join(folder, f"step_{step:07d}.pt")
+    common.atomic_torch_save(state, path)
+    for old in checkpoint_paths(folder)[:-keep]:
+        os.remove(old)
+    log(f"step:{step} saved checkpoint {path}")
+
+
+def load_checkpoint(path: str, log) -> dict:
+    """A checkpoint file, or a folder's newest checkpoint that loads (a corrupt or partial
+    newest file is reported and skipped: the previous good one is used)."""
+    candidates = [path] if os.path.isfile(path) else list(reversed(checkpoint_paths(path)))
+    if not candidates:
+        raise SystemExit(f"--train.resume {path!r}: no checkpoint file there (expected step_*.pt)")
+    for p in candidates:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            log(f"resuming from {p} (step {state['step']})")
+            return state
+        except Exception as e:
+            log(f"cannot load checkpoint {p} ({type(e).__name__}: {str(e)[:120]}); trying an older one")
+    raise SystemExit(f"--train.resume {path!r}: no loadable checkpoint")
+
+
+def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str) -> str:
+    import json
+
+    val_line = f"{val['loss']:.4f} per predicted token, MLM accuracy {val['acc']:.4f}" if val else "not measured"
+    return (f"---\nlibrary_name: kbert\ntags: [fill-mask, encoder, kbert]\n---\n# KBERT ({hp.model.preset})\n\n"
+            f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
+            f"- parameters: {counts['total']:,} ({counts['embedding']:,} embedding, {counts['non_embedding']:,} other)\n"
+            f"- tokens seen: {tokens_seen:,}\n- validation loss: {val_line}\n"
+            f"- tokenizer: GPT-2 BPE (tiktoken `gpt2`) + [MASK]=50257 [SEP]=50258 [PAD]=50259, [CLS]=50256\n"
+            f"- command: `{command}`\n\n## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
+
+
+def export(model, hp, tokens_seen, val, run_id, log):
+    folder = os.path.join(hp.train.export_dir, run_id)
+    config = {"architecture": "KBERT", "model": hp.model.to_dict(), "tokens_seen": tokens_seen,
+              "val_loss": val["loss"] if val else None}
+    command = " ".join(["trainer.py"] + sys.argv[1:])
+    common.save_pretrained(folder, model.state_dict(), config, model_card(hp, model.param_counts(), tokens_seen, val, command))
+    log(f"exported {folder}")
+    if hp.train.hf_repo:
+        common.push_to_hub(folder, hp.train.hf_repo, log)
+    return folder
+
+
+def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
+    """A KBERT encoder from an export folder or Hub id (weights only, no training state).
+    Returns the model and the full config.json; extra keys in the weights (task heads) are
+    returned under config["extra_state"]."""
+    config, state = common.load_pretrained(path_or_repo)
+    if config.get("architecture") != "KBERT":
+        raise SystemExit(f"{path_or_repo}: config.json is not a KBERT export (architecture={config.get('architecture')!r})")
+    model = KBERT(ModelConfig(**{**config["model"], **overrides}))
+    own = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model.load_state_dict(own, strict=True)
+    config["extra_state"] = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    return model, config
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: fixed budget, fixed masks, final windows
+
+
+@torch.no_grad()
+def evaluate(forward, files, hp, d: common.Dist, windows) -> dict:
+    t = hp.train
+    loader = PackedLoader(files, hp.data.seq_len, shuffle=False)
+    n_seqs = max(d.world, t.val_tokens // hp.data.seq_len)
+    batch, _ = loader.next_batch(n_seqs)
+    mask_rate, rnd, keep = t.mask_rate_end, t.random_frac_end, t.keep_frac_end
+    totals = torch.zeros(3, device=d.device, dtype=torch.float64)  # loss sum, correct, count
+    mb = t.micro_batch_seqs
+    for i in range(d.rank * mb, n_seqs, d.world * mb):
+        ids = torch.from_numpy(batch[i:i + mb]).to(d.device).long()
+        inputs, labels = mask_tokens(ids, i, seed=12345, mask_rate=mask_rate, random_frac=rnd, keep_frac=keep)
+        loss_sum, correct, count = forward(inputs, labels, windows, "sum")
+        totals += torch.stack([loss_sum.double(), correct.double(), torch.tensor(count, device=d.device, dtype=torch.float64)])
+    common.all_reduce_sum(totals, d)
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "tokens": n_seqs * hp.data.seq_len}
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv: list[str] | None = None) -> dict:
+    hp = parse_args(sys.argv[1:] if argv is None else argv)
+    t, dc = hp.train, hp.data
+    d = common.setup_distributed(t.device)
+    resume_state = load_checkpoint(t.resume, print if d.master else (lambda *_: None)) if t.resume else None
+    run_id = t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert"))
+    if d.world > 1:  # every rank must agree on the run id
+        obj = [run_id]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        run_id = obj[0]
+    log = common.RunLog(run_id, d.master)
+    log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
+               common.config_to_dict(hp), d.device)
+    log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
+
+    # data
+    if dc.source == "pydoc":
+        if d.master:
+            build_pydoc_corpus()
+        if d.world > 1:
+            torch.distributed.barrier()
+        dc.train_files, dc.val_files = "data/pydoc/pydoc_train_*.bin", "data/pydoc/pydoc_val_*.bin"
+    train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
+    loader = PackedLoader(train_files, dc.seq_len, seed=t.seed)
+    unit = d.world * t.micro_batch_seqs
+    if (t.batch_tokens // dc.seq_len) % unit:
+        raise SystemExit(f"--train.batch_tokens {t.batch_tokens} = {t.batch_tokens // dc.seq_len} sequences is not divisible "
+                         f"by world size {d.world} x --train.micro_batch_seqs {t.micro_batch_seqs}")
+
+    # model and optimizer
+    torch.manual_seed(t.seed)
+    model = KBERT(hp.model)
+    model.init_weights(seed=t.seed)
+    model.to(d.device)
+    counts = model.param_counts()
+    log(f"model {hp.model.preset}: {counts['total']:,} parameters ({counts['embedding']:,} embedding, "
+        f"{counts['non_embedding']:,} non-embedding)")
+    opt = build_optimizer(model, t)
+    cuda = d.device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    encoder = model
+    if cuda and t.compile:
+        # the encoder has static shapes (windows are tensor inputs: no recompiles as they grow);
+        # the MLM head sees a varying number of predicted tokens, so it is compiled dynamic
+        encoder = torch.compile(model, dynamic=False, fullgraph=True)
+        model.mlm_head_loss = torch.compile(model.mlm_head_loss, dynamic=True)
+
+    def forward(inputs, labels, windows, reduction="mean"):
+        with amp:
+            return model.mlm_loss(encoder(inputs, windows), labels, reduction)
+
+    step, tokens_seen = 0, 0
+    if resume_state is not None:
+        saved_model = resume_state["config"]["model"]
+        if saved_model != common.config_to_dict(hp)["model"]:
+            raise SystemExit(f"--train.resume: the checkpoint's model config {saved_model} differs from this run's")
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        loader.load_state_dict(resume_state["loader"])
+        torch.set_rng_state(resume_state["rng_cpu"])
+        if cuda and "rng_cuda" in resume_state:
+            torch.cuda.set_rng_state(resume_state["rng_cuda"])
+        step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
+        resume_state = None
+    start_step = step
+
+    peak = peak_flops(d.device)
+    ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
+    val, history = None, []
+    train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
+
+    while True:
+        last = step == t.steps
+        if last or (t.val_every and step % t.val_every == 0 and step > start_step):
+            model.eval()
+            windows = torch.tensor(windows_at(t.steps, t), dtype=torch.int32, device=d.device)
+            val = evaluate(forward, val_files, hp, d, windows)
+            model.train()
+            log(f"step:{step}/{t.steps} val_loss:{val['loss']:.4f} val_acc:{val['acc']:.4f} "
+                f"train_time:{train_time * 1000:.0f}ms tokens_seen:{tokens_seen}")
+            history.append({"step": step, **val})
+        if last or (t.save_every and step % t.save_every == 0 and step > start_step):
+            save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log)
+        if last:
+            break
+
+        # one optimizer step over the global batch
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n_seqs = batch_seqs_at(step, t, dc.seq_len, unit)
+        batch, first = loader.next_batch(n_seqs)  # every rank packs the whole batch, keeps its rows
+        windows_py = windows_at(step, t)
+        windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
+        mask_rate, rnd, keep = masking_at(step, t)
+        mult = lr_multiplier(step, t)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+            if g["kind"] == "muon":
+                g["momentum"] = lerp(t.muon_momentum_start, t.muon_momentum_end, step / max(1, t.muon_momentum_warmup_steps))
+        accum = n_seqs // unit
+        loss_sum = torch.zeros((), device=d.device)
+        n_pred = 0
+        for k in range(accum):
+            row = (k * d.world + d.rank) * t.micro_batch_seqs
+            ids = torch.from_numpy(batch[row:row + t.micro_batch_seqs])
+            ids = (ids.pin_memory().to(d.device, non_blocking=True) if cuda else ids).long()
+            inputs, labels = mask_tokens(ids, first + row, t.seed, mask_rate, rnd, keep)
+            loss, _, count = forward(inputs, labels, windows)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            n_pred += count
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_avg = common.all_reduce_sum(loss_sum / accum, d) / d.world
+        loss_value = loss_avg.item()  # syncs
+        dt = time.perf_counter() - t0
+        step += 1
+        tokens = n_seqs * dc.seq_len
+        tokens_seen += tokens
+        if not math.isfinite(loss_value):
+            log(f"step:{step} loss is {loss_value}: stopping. The last good checkpoint is kept in {ckpt_dir}; "
+                f"lower the learning rates and resume from it with --train.resume {ckpt_dir}")
+            common.cleanup_distributed(d)
+            raise SystemExit(2)
+        if step > 1 or not (cuda and t.compile):
+            train_time += dt
+        history.append({"step": step, "loss": loss_value})
+        if step % t.log_every == 0 or step == t.steps:
+            n_pred_all = int(common.all_reduce_sum(torch.tensor(float(n_pred), device=d.device), d).item())
+            pairs_l, pairs_g = attention_pairs(batch, windows_py[0]), attention_pairs(batch, windows_py[1])
+            flops = training_flops(hp.model, tokens, n_pred_all, pairs_l, pairs_g)
+            mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
+            mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"
+            log(f"step:{step}/{t.steps} loss:{loss_value:.4f} lr:{mult:.4f} mask:{mask_rate:.3f} "
+                f"windows:{windows_py[0]}/{windows_py[1]} batch:{tokens} dt:{dt * 1000:.0f}ms "
+                f"tok/s:{tokens / dt:.0f} mfu:{mfu} mem:{mem}")
+
+    folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
+    common.cleanup_distributed(d)
+    return {"run_id": run_id, "history": history, "val": val, "export": folder, "log": log.path,
+            "train_time_s": train_time, "tokens_seen": tokens_seen}
+
+
+if __name__ == "__main__":
+    main()
