@@ -226,7 +226,7 @@ class PackedLoader:
             tokens, starts = self._shard()
         nxt = np.searchsorted(starts, self.pos, side="right")
         end = starts[nxt] if nxt < len(starts) else len(tokens)
-        need_cls = self.cont or tokens[self.pos] != CLS_ID  # a split piece or a shard starting mid-document
+        need_cls = bool(self.cont or tokens[self.pos] != CLS_ID)  # a split piece or a shard starting mid-document
         return tokens[self.pos:end], need_cls
 
     def next_sequence(self) -> np.ndarray:
@@ -263,8 +263,8 @@ class PackedLoader:
         return np.stack([self.next_sequence() for _ in range(n)]), first
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "file_idx": self.file_idx, "pos": self.pos, "cont": self.cont,
-                "seq_index": self.seq_index, "files": [os.path.basename(f) for f in self.files]}
+        return {"epoch": int(self.epoch), "file_idx": int(self.file_idx), "pos": int(self.pos), "cont": bool(self.cont),
+                "seq_index": int(self.seq_index), "files": [os.path.basename(f) for f in self.files]}
 
     def load_state_dict(self, s: dict):
         if s["files"] != [os.path.basename(f) for f in self.files]:
