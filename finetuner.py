@@ -1,0 +1,738 @@
+"""Finetune and evaluate KBERT on GLUE and SQuAD (v2.0 and v1.1).
+
+    torchrun --standalone --nproc_per_node=8 finetuner.py --task mnli --train.base_model USER/kbert-base
+    python finetuner.py --task squad_v2 --train.base_model exports/RUN_ID
+    python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]
+
+Data are local files in the Hub schema (data/download_glue.py, data/download_squad.py).
+GLUE examples are packed several to a row with document masks (each read at its own
+[CLS]); SQuAD questions become 384-token windows with stride 128. Metrics are the ones the
+literature reports; the SQuAD v2 scorer reproduces the official evaluate-v2.0.py exactly.
+Sections: tasks and metrics -> SQuAD scorer -> hyperparameters -> data -> model ->
+training and evaluation -> main.
+"""
+import collections
+import json
+import math
+import os
+import re
+import statistics
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import common
+import trainer
+from model import CLS_ID, PAD_ID, SEP_ID, ClassificationHead, SpanHead
+from optimizer import MuonAdamW
+
+# ----------------------------------------------------------------------------------------
+# Tasks and metrics
+
+
+@dataclass(frozen=True)
+class Task:
+    text_fields: tuple  # one field (single sentence) or two (pair)
+    n_labels: int  # 1: regression
+    eval_splits: tuple
+    metrics: tuple  # first one is the headline
+
+
+GLUE = {
+    "cola": Task(("sentence",), 2, ("validation",), ("matthews",)),
+    "sst2": Task(("sentence",), 2, ("validation",), ("accuracy",)),
+    "mrpc": Task(("sentence1", "sentence2"), 2, ("validation",), ("f1", "accuracy")),
+    "qqp": Task(("question1", "question2"), 2, ("validation",), ("f1", "accuracy")),
+    "stsb": Task(("sentence1", "sentence2"), 1, ("validation",), ("pearson", "spearman")),
+    "mnli": Task(("premise", "hypothesis"), 3, ("validation_matched", "validation_mismatched"), ("accuracy",)),
+    "qnli": Task(("question", "sentence"), 2, ("validation",), ("accuracy",)),
+    "rte": Task(("sentence1", "sentence2"), 2, ("validation",), ("accuracy",)),
+    "wnli": Task(("sentence1", "sentence2"), 2, ("validation",), ("accuracy",)),
+}
+SQUAD = ("squad_v2", "squad")  # v2.0 (with unanswerable questions) and v1.1
+LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+               "rte": ["entailment", "not_entailment"], "wnli": ["not_entailment", "entailment"],
+               "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+               "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"], "stsb": ["similarity"]}
+
+
+def accuracy(pred, gold) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def f1_binary(pred, gold) -> float:
+    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = np.sum((pred == 1) & (gold == 1))
+    fp, fn = np.sum((pred == 1) & (gold == 0)), np.sum((pred == 0) & (gold == 1))
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def matthews(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp, tn = np.sum((pred == 1) & (gold == 1)), np.sum((pred == 0) & (gold == 0))
+    fp, fn = np.sum((pred == 1) & (gold == 0)), np.sum((pred == 0) & (gold == 1))
+    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float((tp * tn - fp * fn) / denom) if denom else 0.0
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denom) if denom else 0.0
+
+
+def _ranks(x) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(_ranks(x), _ranks(y))
+
+
+METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+
+
+# ----------------------------------------------------------------------------------------
+# The official SQuAD v2.0 metric (same arithmetic, same order of summation as evaluate-v2.0.py)
+
+
+def normalize_answer(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s, flags=re.UNICODE)
+    return " ".join(s.split())
+
+
+def _tokens(s: str) -> list[str]:
+    return normalize_answer(s).split() if s else []
+
+
+def squad_exact(gold: str, pred: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(pred))
+
+
+def squad_f1(gold: str, pred: str) -> float:
+    g, p = _tokens(gold), _tokens(pred)
+    if not g or not p:
+        return int(g == p)
+    same = sum((collections.Counter(g) & collections.Counter(p)).values())
+    if same == 0:
+        return 0
+    precision, recall = same / len(p), same / len(g)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def load_squad_gold(path: str) -> collections.OrderedDict:
+    """id -> list of gold answer texts ([] = unanswerable), in file order, from the official
+    nested JSON (`{"data": [...]}`) or Hub-schema jsonl (`answers: {text, answer_start}`)."""
+    gold = collections.OrderedDict()
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if "id" not in row or "answers" not in row:
+                        raise KeyError(f"{path}:{n}: a SQuAD row needs 'id' and 'answers' (got {sorted(row)})")
+                    gold[row["id"]] = list(row["answers"]["text"])
+        else:
+            data = json.load(f)
+            if "data" not in data:
+                raise KeyError(f"{path}: official SQuAD JSON has a top-level 'data' list")
+            for article in data["data"]:
+                for p in article["paragraphs"]:
+                    for qa in p["qas"]:
+                        gold[qa["id"]] = [a["text"] for a in qa["answers"]]
+    return gold
+
+
+def squad_v2_scores(gold: dict, preds: dict, na_probs: dict | None = None, na_prob_thresh: float = 1.0) -> dict:
+    """What evaluate-v2.0.py prints (exact, f1, total, HasAns_*, NoAns_*, and best_* with a
+    na-prob file), as percentages."""
+    has_ans = {qid: bool(answers) for qid, answers in gold.items()}
+    exact_raw, f1_raw = {}, {}
+    for qid, answers in gold.items():
+        golds = [a for a in answers if normalize_answer(a)] or [""]
+        if qid not in preds:
+            print(f"Missing prediction for {qid}", file=sys.stderr)
+            continue
+        exact_raw[qid] = max(squad_exact(a, preds[qid]) for a in golds)
+        f1_raw[qid] = max(squad_f1(a, preds[qid]) for a in golds)
+    probs = na_probs if na_probs is not None else {k: 0.0 for k in preds}
+
+    def threshold(scores):
+        return {qid: (float(not has_ans[qid]) if probs[qid] > na_prob_thresh else s) for qid, s in scores.items()}
+
+    exact, f1 = threshold(exact_raw), threshold(f1_raw)
+
+    def summary(qids=None):
+        if not qids:
+            total = len(exact)
+            return [("exact", 100.0 * sum(exact.values()) / total), ("f1", 100.0 * sum(f1.values()) / total), ("total", total)]
+        total = len(qids)
+        return [("exact", 100.0 * sum(exact[k] for k in qids) / total), ("f1", 100.0 * sum(f1[k] for k in qids) / total),
+                ("total", total)]
+
+    out = collections.OrderedDict(summary())
+    for prefix, qids in (("HasAns", [k for k, v in has_ans.items() if v]), ("NoAns", [k for k, v in has_ans.items() if not v])):
+        if qids:
+            out.update((f"{prefix}_{k}", v) for k, v in summary(qids))
+    if na_probs is not None:
+        for name, raw in (("exact", exact_raw), ("f1", f1_raw)):
+            best, thresh = _best_threshold(preds, raw, na_probs, has_ans)
+            out[f"best_{name}"], out[f"best_{name}_thresh"] = best, thresh
+    return dict(out)
+
+
+def _best_threshold(preds, scores, na_probs, has_ans):
+    """Sweep the na-prob threshold in ascending order starting from 'predict nothing'."""
+    score = best = sum(1 for k in has_ans if not has_ans[k])
+    best_thresh = 0.0
+    for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+        if qid not in scores:
+            continue
+        diff = scores[qid] if has_ans[qid] else (-1 if preds[qid] else 0)
+        score += diff
+        if score > best:
+            best, best_thresh = score, na_probs[qid]
+    return 100.0 * best / len(scores), best_thresh
+
+
+def score_squad_cli(argv: list[str]):
+    """`python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]`"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="finetuner.py --score-squad", description="Official SQuAD v2.0 scores.")
+    ap.add_argument("data_file", help="official dev JSON or Hub-schema jsonl")
+    ap.add_argument("pred_file", help="JSON {id: answer text or ''}")
+    ap.add_argument("--na-prob-file", "-n", default=None)
+    ap.add_argument("--na-prob-thresh", "-t", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    for p in (args.data_file, args.pred_file, args.na_prob_file):
+        if p and not os.path.isfile(p):
+            raise SystemExit(f"--score-squad: file {p} does not exist")
+    preds = json.load(open(args.pred_file, encoding="utf-8"))
+    na_probs = json.load(open(args.na_prob_file)) if args.na_prob_file else None
+    print(json.dumps(squad_v2_scores(load_squad_gold(args.data_file), preds, na_probs, args.na_prob_thresh), indent=2))
+
+
+# ----------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class FinetuneConfig:
+    base_model: str = "none"  # export folder or Hub id of a pretrained KBERT; "none": random init (tests)
+    preset: str = "base"  # model preset when base_model is none
+    data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl
+    train_file: str = ""  # override the training file
+    eval_files: str = ""  # override the evaluation files (comma-separated, named by their stem)
+    max_train_examples: int = 0  # 0: all
+    max_eval_examples: int = 0
+    optimizer: str = "adamw"  # "adamw" (the usual recipe) or "muon" (Muon on hidden matrices, AdamW elsewhere)
+    lr: float = 5e-5  # ModernBERT's MNLI choice (sweep 1e-5..8e-5)
+    head_lr: float = 0.0  # 0: same as lr
+    muon_lr: float = 0.002  # hidden matrices when optimizer=muon
+    weight_decay: float = 5e-6  # ModernBERT's MNLI choice
+    betas: str = "0.9,0.98"  # ModernBERT's finetuning betas
+    warmup_frac: float = 0.1  # linear warm-up, then linear decay to 0
+    epochs: float = 1.0
+    batch_size: int = 32  # examples (GLUE) or windows (SQuAD) per step, over all ranks
+    max_len: int = 256  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
+    pack_len: int = 1024  # GLUE row length into which examples are packed (multiple of 128)
+    squad_max_len: int = 384  # window length (question + context)
+    doc_stride: int = 128  # overlap between consecutive context windows
+    max_query_len: int = 64
+    max_answer_len: int = 30  # tokens
+    n_best: int = 20  # start/end candidates per window
+    null_threshold: float = 0.0  # predict no answer when null score - best span score > this (HF run_qa: 0)
+    dropout: float = 0.1  # classifier and block dropout
+    seeds: str = "0"  # comma-separated: one run per seed, median and spread reported
+    eval_batch_size: int = 64
+    out_dir: str = "finetuned"  # predictions, metrics and the model: finetuned/<run_id>/
+    hf_repo: str = ""  # push the finetuned model (with its metrics card) to this Hub repo
+    run_id: str = ""
+    compile: bool = True  # CUDA only
+    device: str = "auto"
+    log_every: int = 20
+
+
+GROUPS = {"train": FinetuneConfig}
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} does not exist. Fetch the data with `python data/download_glue.py TASK` or "
+                         "`python data/download_squad.py`, or pass --train.train_file/--train.eval_files")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str, require_labels: bool) -> list[dict]:
+    spec = GLUE[task]
+    out = []
+    for n, row in enumerate(rows):
+        missing = [k for k in (*spec.text_fields, "label") if k not in row]
+        if missing:
+            raise SystemExit(f"{path} row {n}: missing column(s) {missing}; {task} needs {list(spec.text_fields) + ['label']}")
+        label = row["label"]
+        if spec.n_labels > 1 and label != -1 and not (isinstance(label, int) and 0 <= label < spec.n_labels):
+            raise SystemExit(f"{path} row {n}: label {label!r} out of range for {task} (0..{spec.n_labels - 1})")
+        if label == -1 and require_labels:
+            raise SystemExit(f"{path} row {n}: label -1 (a test split without labels) cannot be used here")
+        texts = [row[k] for k in spec.text_fields]
+        ids = tok.encode(texts[0], texts[1] if len(texts) > 1 else None, max_len=max_len)
+        out.append({"ids": ids, "label": float(label) if spec.n_labels == 1 else int(label), "idx": row.get("idx", n)})
+    return out
+
+
+def pack_rows(examples: list[dict], pack_len: int) -> list[list[int]]:
+    """First-fit packing of examples (each starting with [CLS]) into rows of pack_len;
+    returns, per row, the indices of the examples it holds, in order."""
+    rows, space = [], []
+    for i, ex in enumerate(examples):
+        n = len(ex["ids"])
+        if n > pack_len:
+            raise ValueError(f"example of {n} tokens does not fit --train.pack_len {pack_len}")
+        for r, s in enumerate(space):
+            if n <= s:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(pack_len - n)
+    return rows
+
+
+def glue_batch(examples: list[dict], pack_len: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Pack examples into rows -> ids (R, pack_len), flat [CLS] positions (N,) and the example
+    order those positions follow."""
+    rows = pack_rows(examples, pack_len)
+    ids = np.full((len(rows), pack_len), PAD_ID, dtype=np.int64)
+    cls_pos, order = [], []
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            seq = examples[i]["ids"]
+            ids[r, at:at + len(seq)] = seq
+            cls_pos.append(r * pack_len + at)
+            order.append(i)
+            at += len(seq)
+    return torch.from_numpy(ids).to(device), torch.tensor(cls_pos, device=device), order
+
+
+def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bool = False) -> list[dict]:
+    """Windows `[CLS] question [SEP] context piece [SEP]` of squad_max_len tokens, the
+    context pieces overlapping by doc_stride. Labels: token indices of the answer's first
+    and last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
+    entirely inside the window."""
+    feats = []
+    for n, row in enumerate(rows):
+        for k in ("id", "context", "question", "answers"):
+            if k not in row:
+                raise SystemExit(f"{path} row {n}: missing column {k!r} (SQuAD rows need id, context, question, answers)")
+        context, answers = row["context"], row["answers"]
+        if row.get("is_impossible") and answers["text"]:
+            raise SystemExit(f"{path} row {n} (id {row['id']}): marked is_impossible but carries an answer; "
+                             "an unanswerable question must have empty answers")
+        if len(answers["text"]) != len(answers["answer_start"]):
+            raise SystemExit(f"{path} row {n} (id {row['id']}): answers.text and answers.answer_start differ in length")
+        if not context.strip():
+            raise SystemExit(f"{path} row {n} (id {row['id']}): empty context")
+        if v1 and len(answers["text"]) == 0:
+            raise SystemExit(f"{path} row {n}: SQuAD v1.1 question without an answer")
+        q_ids = tok.encode_ordinary(row["question"])[: cfg.max_query_len]
+        c_ids, spans = tok.encode_with_offsets(context)
+        budget = cfg.squad_max_len - len(q_ids) - 3
+        start_char = end_char = None
+        if answers["text"]:
+            text, start_char = answers["text"][0], answers["answer_start"][0]
+            if context[start_char:start_char + len(text)] != text:
+                found = context.find(text)
+                if found < 0:
+                    raise SystemExit(f"{path} row {n} (id {row['id']}): answer {text!r} is not in the context")
+                start_char = found
+            end_char = start_char + len(text)
+        offset = 0
+        while True:
+            piece = slice(offset, min(offset + budget, len(c_ids)))
+            ids = [CLS_ID] + q_ids + [SEP_ID] + c_ids[piece] + [SEP_ID]
+            ctx0 = len(q_ids) + 2  # index of the first context token in the window
+            start = end = 0
+            if start_char is not None:
+                toks = range(piece.start, piece.stop)
+                s = next((i for i in toks if spans[i][1] > start_char), None)
+                e = next((i for i in reversed(toks) if spans[i][0] < end_char), None)
+                if s is not None and e is not None and s <= e and spans[piece.start][0] <= start_char and \
+                        spans[piece.stop - 1][1] >= end_char:
+                    start, end = ctx0 + s - piece.start, ctx0 + e - piece.start
+            feats.append({"qid": row["id"], "ids": ids, "start": start, "end": end, "ctx0": ctx0,
+                          "spans": spans[piece], "context": context})
+            if piece.stop >= len(c_ids):
+                break
+            offset += cfg.doc_stride
+    return feats
+
+
+def squad_batch(feats: list[dict], length: int, device):
+    ids = np.full((len(feats), length), PAD_ID, dtype=np.int64)
+    valid = np.zeros((len(feats), length), dtype=bool)
+    for r, f in enumerate(feats):
+        ids[r, :len(f["ids"])] = f["ids"]
+        valid[r, 0] = True
+        valid[r, f["ctx0"]:len(f["ids"]) - 1] = True
+    starts = torch.tensor([f["start"] for f in feats], device=device)
+    ends = torch.tensor([f["end"] for f in feats], device=device)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(valid).to(device), starts, ends
+
+
+def squad_postprocess(feats: list[dict], start_logits: list[np.ndarray], end_logits: list[np.ndarray], cfg) -> tuple[dict, dict]:
+    """Per question: the best span over its windows (n-best starts x ends, start <= end,
+    length <= max_answer_len), mapped back to the exact context characters, and the no-answer
+    score diff = min over windows of the [CLS] score - the best span score."""
+    best = {}  # qid -> (score, text)
+    null = {}
+    for f, s, e in zip(feats, start_logits, end_logits):
+        qid, n_ids = f["qid"], len(f["ids"])
+        null[qid] = min(null.get(qid, math.inf), float(s[0] + e[0]))
+        lo, hi = f["ctx0"], n_ids - 1  # context token positions [lo, hi)
+        if hi <= lo:
+            continue
+        cs, ce = s[lo:hi], e[lo:hi]
+        top_s = np.argsort(-cs)[:cfg.n_best]
+        top_e = np.argsort(-ce)[:cfg.n_best]
+        for i in top_s:
+            for j in top_e:
+                if j < i or j - i + 1 > cfg.max_answer_len:
+                    continue
+                score = float(cs[i] + ce[j])
+                if qid not in best or score > best[qid][0]:
+                    a, b = f["spans"][i][0], f["spans"][j][1]
+                    best[qid] = (score, f["context"][a:b].strip())
+    preds, diffs = {}, {}
+    for qid in null:
+        score, text = best.get(qid, (-math.inf, ""))
+        diffs[qid] = null[qid] - score if math.isfinite(score) else math.inf
+        preds[qid] = text
+    return preds, diffs
+
+
+# ----------------------------------------------------------------------------------------
+# Model: KBERT encoder + task head
+
+
+class TaskModel(torch.nn.Module):
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, ids):
+        return self.encoder(ids)
+
+
+def build_model(cfg: FinetuneConfig, task: str, seed: int):
+    from model import KBERT, ModelConfig
+
+    torch.manual_seed(seed)
+    if cfg.base_model == "none":
+        encoder = KBERT(ModelConfig(preset=cfg.preset, dropout=cfg.dropout))
+        encoder.init_weights(seed=seed)
+    else:
+        encoder, _ = trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)
+    d = encoder.cfg.d_model
+    head = SpanHead(d) if task in SQUAD else ClassificationHead(d, GLUE[task].n_labels, cfg.dropout)
+    return TaskModel(encoder, head)
+
+
+def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig, steps: int) -> MuonAdamW:
+    betas = tuple(float(b) for b in cfg.betas.split(","))
+    head_lr = cfg.head_lr or cfg.lr
+    if cfg.optimizer == "muon":
+        t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr, weight_decay=cfg.weight_decay,
+                                adam_betas=cfg.betas)
+        return trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
+    if cfg.optimizer != "adamw":
+        raise SystemExit(f"--train.optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
+    groups = [dict(kind="adamw", params=list(model.encoder.parameters()), lr=cfg.lr, betas=betas, eps=1e-6,
+                   weight_decay=cfg.weight_decay),
+              dict(kind="adamw", params=list(model.head.parameters()), lr=head_lr, betas=betas, eps=1e-6,
+                   weight_decay=cfg.weight_decay)]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return MuonAdamW(groups, params_expected=list(model.parameters()))
+
+
+def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cfg: FinetuneConfig, log):
+    state = dict(model.encoder.state_dict())
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    config = {"architecture": "KBERT", "model": model.encoder.cfg.to_dict(), "task": task,
+              "labels": LABEL_NAMES.get(task, ["start", "end"]), "base_model": cfg.base_model, "metrics": metrics}
+    card = (f"---\nlibrary_name: kbert\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
+            f"Base model: `{cfg.base_model}`. Labels: {config['labels']}.\n\n## Metrics\n```json\n"
+            f"{json.dumps(metrics, indent=2)}\n```\n\n## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
+    common.save_pretrained(folder, state, config, card)
+    log(f"saved finetuned model to {folder}")
+    if cfg.hf_repo:
+        common.push_to_hub(folder, cfg.hf_repo, log)
+
+
+def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
+    encoder, config = trainer.load_encoder(folder)
+    task = config.get("task")
+    if task not in GLUE and task not in SQUAD:
+        raise SystemExit(f"{folder}: config.json names no finetuned task")
+    d = encoder.cfg.d_model
+    head = SpanHead(d) if task in SQUAD else ClassificationHead(d, GLUE[task].n_labels)
+    head.load_state_dict(config.pop("extra_state"))
+    return TaskModel(encoder, head), config
+
+
+# ----------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+class Runner:
+    """One finetuning run (one seed) of one task, on 1 or N ranks."""
+
+    def __init__(self, task, cfg, d: common.Dist, tok, log):
+        self.task, self.cfg, self.d, self.tok, self.log = task, cfg, d, tok, log
+        self.cuda = d.device.type == "cuda"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+    def prepare(self, model):
+        """Compile the encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows)."""
+        self.encoder_fn = model.encoder
+        if self.cuda and self.cfg.compile:
+            self.encoder_fn = torch.compile(model.encoder, dynamic=False)
+
+    def encode(self, model, ids):
+        with self.amp:
+            return self.encoder_fn(ids)
+
+    def loss_on(self, model, batch_items):
+        if self.task in SQUAD:
+            ids, valid, s, e = squad_batch(batch_items, self.cfg.squad_max_len, self.d.device)
+            with self.amp:
+                start, end = model.head(self.encode(model, ids))
+            return SpanHead.loss(start, end, s, e, valid) * len(batch_items)
+        ids, cls_pos, order = glue_batch(batch_items, self.cfg.pack_len, self.d.device)
+        h = self.encode(model, ids)
+        with self.amp:
+            logits = model.head(h.flatten(0, 1)[cls_pos])
+        dtype = torch.float32 if GLUE[self.task].n_labels == 1 else torch.long
+        labels = torch.tensor([batch_items[i]["label"] for i in order], device=self.d.device, dtype=dtype)
+        return model.head.loss(logits, labels) * len(batch_items)
+
+    def fit(self, model, train_items, seed):
+        cfg, d = self.cfg, self.d
+        self.prepare(model)
+        steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+        steps = max(1, round(cfg.epochs * steps_per_epoch))
+        opt = build_ft_optimizer(model, cfg, steps)
+        warm = max(1, round(cfg.warmup_frac * steps))
+        rng = np.random.default_rng(seed)
+        order = []
+        model.train()
+        t0, seen = time.perf_counter(), 0
+        for step in range(steps):
+            if len(order) < cfg.batch_size:
+                order += list(rng.permutation(len(train_items)))
+            batch = [train_items[i] for i in order[:cfg.batch_size]]
+            del order[:cfg.batch_size]
+            mult = (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * mult
+            mine = batch[d.rank::d.world]  # this rank's share; loss scaled so the all-reduced mean is the global mean
+            loss = self.loss_on(model, mine) * d.world / len(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seen += len(batch)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                lv = common.all_reduce_sum(loss.detach().float(), d).item() / d.world
+                if not math.isfinite(lv):
+                    raise SystemExit(f"step {step + 1}: loss is {lv}; lower --train.lr")
+                dt = time.perf_counter() - t0
+                self.log(f"seed:{seed} step:{step + 1}/{steps} loss:{lv:.4f} lr:{mult:.3f} examples/s:{seen / dt:.1f}")
+        return {"steps": steps, "train_examples_per_s": seen / (time.perf_counter() - t0)}
+
+    @torch.no_grad()
+    def predict(self, model, items):
+        """Outputs for items (this rank's share, gathered on every rank): class logits /
+        regression values for GLUE, (start, end) logits per window for SQuAD."""
+        model.eval()
+        d, bs = self.d, self.cfg.eval_batch_size
+        mine = list(range(d.rank, len(items), d.world))
+        outs = {}
+        t0 = time.perf_counter()
+        from tqdm import tqdm
+
+        for k in tqdm(range(0, len(mine), bs), desc="eval", disable=not d.master, leave=False):
+            idx = mine[k:k + bs]
+            batch = [items[i] for i in idx]
+            if self.task in SQUAD:
+                ids, valid, _, _ = squad_batch(batch, self.cfg.squad_max_len, d.device)
+                with self.amp:
+                    s, e = model.head(self.encode(model, ids))
+                for i, si, ei in zip(idx, s.float().cpu().numpy(), e.float().cpu().numpy()):
+                    outs[i] = (si, ei)
+            else:
+                ids, cls_pos, order = glue_batch(batch, self.cfg.pack_len, d.device)
+                h = self.encode(model, ids)
+                with self.amp:
+                    logits = model.head(h.flatten(0, 1)[cls_pos]).float().cpu().numpy()
+                for j, o in enumerate(order):
+                    outs[idx[o]] = logits[j]
+        rate = len(mine) / max(1e-9, time.perf_counter() - t0)
+        if d.world > 1:
+            gathered = [None] * d.world
+            torch.distributed.all_gather_object(gathered, outs)
+            outs = {k: v for part in gathered for k, v in part.items()}
+        model.train()
+        return [outs[i] for i in range(len(items))], rate * d.world
+
+    def evaluate(self, model, split_name, rows, items, out_dir):
+        outs, rate = self.predict(model, items)
+        if self.task in SQUAD:
+            preds, diffs = squad_postprocess(items, [o[0] for o in outs], [o[1] for o in outs], self.cfg)
+            gold = collections.OrderedDict((r["id"], list(r["answers"]["text"])) for r in rows)
+            thresholded = {q: ("" if diffs[q] > self.cfg.null_threshold else p) for q, p in preds.items()}
+            if self.task == "squad":  # v1.1: every question has an answer
+                thresholded = preds
+            scores = squad_v2_scores(gold, thresholded)
+            finite = {q: (v if math.isfinite(v) else 1e9) for q, v in diffs.items()}
+            sweep = squad_v2_scores(gold, preds, finite)
+            scores.update({k: sweep[k] for k in ("best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh")})
+            scores["headline_threshold"] = self.cfg.null_threshold
+            if self.d.master:
+                os.makedirs(out_dir, exist_ok=True)
+                json.dump(thresholded, open(os.path.join(out_dir, f"predictions_{split_name}.json"), "w"))
+                json.dump(preds, open(os.path.join(out_dir, f"predictions_nonnull_{split_name}.json"), "w"))
+                json.dump(finite, open(os.path.join(out_dir, f"na_probs_{split_name}.json"), "w"))
+        else:
+            spec = GLUE[self.task]
+            gold = [it["label"] for it in items]
+            pred = [float(o[0]) for o in outs] if spec.n_labels == 1 else [int(np.argmax(o)) for o in outs]
+            scores = {m: 100 * METRICS[m](pred, gold) for m in spec.metrics}
+            if self.d.master:
+                os.makedirs(out_dir, exist_ok=True)
+                with open(os.path.join(out_dir, f"predictions_{split_name}.jsonl"), "w") as f:
+                    for it, p in zip(items, pred):
+                        f.write(json.dumps({"idx": it["idx"], "prediction": p, "label": it["label"]}) + "\n")
+        scores["eval_examples_per_s"] = rate
+        return scores
+
+
+def task_files(task: str, cfg: FinetuneConfig) -> tuple[str, dict]:
+    folder = os.path.join(cfg.data_dir, "squad" if task in SQUAD else "glue", task)
+    train = cfg.train_file or os.path.join(folder, "train.jsonl")
+    if cfg.eval_files:
+        evals = {os.path.splitext(os.path.basename(p))[0]: p for p in cfg.eval_files.split(",")}
+    else:
+        splits = ("validation",) if task in SQUAD else GLUE[task].eval_splits
+        evals = {s: os.path.join(folder, f"{s}.jsonl") for s in splits}
+    return train, evals
+
+
+def run_task(task: str, cfg: FinetuneConfig, argv_for_log=None) -> dict:
+    d = common.setup_distributed(cfg.device)
+    run_id = cfg.run_id or common.new_run_id(f"ft-{task}")
+    log = common.RunLog(run_id, d.master)
+    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device)
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    train_path, eval_paths = task_files(task, cfg)
+    train_rows = read_jsonl(train_path)[: cfg.max_train_examples or None]
+    eval_rows = {s: read_jsonl(p)[: cfg.max_eval_examples or None] for s, p in eval_paths.items()}
+    if task in SQUAD:
+        v1 = task == "squad"
+        train_items = squad_features(train_rows, tok, cfg, train_path, v1=v1)
+        eval_items = {s: squad_features(r, tok, cfg, eval_paths[s], v1=v1) for s, r in eval_rows.items()}
+    else:
+        train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path, require_labels=True)
+        eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s], require_labels=True) for s, r in eval_rows.items()}
+    log(f"task {task}: {len(train_items)} training items from {train_path}; "
+        + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
+
+    runner = Runner(task, cfg, d, tok, log)
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    per_seed = []
+    out_root = os.path.join(cfg.out_dir, run_id)
+    for seed in seeds:
+        model = build_model(cfg, task, seed).to(d.device)
+        fit = runner.fit(model, train_items, seed)
+        result = {"seed": seed, **fit}
+        for split, items in eval_items.items():
+            result[split] = runner.evaluate(model, split, eval_rows[split], items, os.path.join(out_root, f"seed{seed}"))
+            log(f"seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result[split].items()}))
+        per_seed.append(result)
+        if d.master:
+            export_finetuned(model, task, result, os.path.join(out_root, f"seed{seed}", "model"), cfg, log)
+    summary = {"task": task, "run_id": run_id, "seeds": per_seed, "summary": {}}
+    for split in eval_items:
+        keys = [k for k, v in per_seed[0][split].items() if isinstance(v, (int, float)) and "per_s" not in k and "thresh" not in k]
+        for k in keys:
+            vals = [r[split][k] for r in per_seed]
+            summary["summary"][f"{split}/{k}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                                  "std": statistics.pstdev(vals), "n": len(vals)}
+    for name, s in summary["summary"].items():
+        log(f"{name}: median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}, n={s['n']})")
+    if d.master:
+        os.makedirs(out_root, exist_ok=True)
+        json.dump(summary, open(os.path.join(out_root, "metrics.json"), "w"), indent=2)
+        log(f"metrics: {os.path.join(out_root, 'metrics.json')}")
+    common.cleanup_distributed(d)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--score-squad"]:
+        return score_squad_cli(argv[1:])
+    if "--task" not in argv:
+        raise SystemExit("usage: finetuner.py --task {" + ",".join([*GLUE, *SQUAD]) + "} [--train.key value ...] "
+                         "| --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]")
+    i = argv.index("--task")
+    if i + 1 >= len(argv):
+        raise SystemExit("--task needs a value")
+    task, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    if task not in GLUE and task not in SQUAD:
+        raise SystemExit(f"unknown task {task!r}; choose one of {', '.join([*GLUE, *SQUAD])}")
+    overrides, _ = common.parse_overrides(rest, GROUPS)
+    cfg = FinetuneConfig(**overrides["train"])
+    if cfg.pack_len % 128 or cfg.squad_max_len % 128:
+        raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
+    if cfg.max_len > cfg.pack_len:
+        raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
+    return run_task(task, cfg)
+
+
+if __name__ == "__main__":
+    main()
