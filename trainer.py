@@ -88,7 +88,7 @@ DEMO = {
     "data": dict(source="pydoc", seq_len=512),
     "train": dict(steps=300, batch_tokens=4096, micro_batch_seqs=8, lr_muon=0.04, lr_embed=0.03, lr_scalar=0.02,
                   warmup_frac=0.02, muon_momentum_warmup_steps=50, local_window_start=64, local_window_end=128,
-                  global_window_start=256, global_window_end=512, val_every=50, val_tokens=32768, save_every=100),
+                  global_window_start=256, global_window_end=512, val_every=50, val_tokens=16384, save_every=100),
 }
 
 
@@ -194,9 +194,10 @@ class PackedLoader:
     [CLS]. No token is dropped. Sequence n of the stream is the same for every world size;
     `state_dict()` is the exact position, so a resumed run sees exactly the same data."""
 
-    def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True):
-        self.files, self.T, self.seed, self.shuffle = files, seq_len, seed, shuffle
+    def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True, loop: bool = True):
+        self.files, self.T, self.seed, self.shuffle, self.loop = files, seq_len, seed, shuffle, loop
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = 0, 0, 0, False, 0
+        self.exhausted = False  # with loop=False: the single pass is over
         self._loaded = None  # (path, tokens memmap, document start positions)
         for f in files:
             open_shard(f)  # validate every header up front, naming the bad file
@@ -220,6 +221,9 @@ class PackedLoader:
         inserted in front of them."""
         tokens, starts = self._shard()
         while self.pos >= len(tokens):  # shard exhausted
+            if self.file_idx + 1 == len(self.files) and not self.loop:
+                self.exhausted = True
+                return None, False
             self.file_idx, self.pos, self.cont = self.file_idx + 1, 0, False
             if self.file_idx == len(self.files):
                 self.epoch, self.file_idx = self.epoch + 1, 0
@@ -235,6 +239,8 @@ class PackedLoader:
         fill = 0
         while fill < T:
             piece, need_cls = self._next_piece()
+            if piece is None:  # loop=False and the data are used up: the rest stays [PAD]
+                break
             length = len(piece) + need_cls
             space = T - fill
             if length <= space:  # the whole (rest of the) document fits
@@ -502,9 +508,11 @@ def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
 @torch.no_grad()
 def evaluate(forward, files, hp, d: common.Dist, windows) -> dict:
     t = hp.train
-    loader = PackedLoader(files, hp.data.seq_len, shuffle=False)
-    n_seqs = max(d.world, t.val_tokens // hp.data.seq_len)
-    batch, _ = loader.next_batch(n_seqs)
+    loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False)  # one pass at most
+    seqs = []
+    while len(seqs) < max(1, t.val_tokens // hp.data.seq_len) and not loader.exhausted:
+        seqs.append(loader.next_sequence())
+    batch, n_seqs = np.stack(seqs), len(seqs)
     mask_rate, rnd, keep = t.mask_rate_end, t.random_frac_end, t.keep_frac_end
     totals = torch.zeros(3, device=d.device, dtype=torch.float64)  # loss sum, correct, count
     mb = t.micro_batch_seqs

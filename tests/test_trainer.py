@@ -305,3 +305,20 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     open(shards / "syn_train_000002.bin", "wb").write(raw[:-10])
     with pytest.raises(ShardError, match="syn_train_000002.bin"):
         trainer.main(base_args(shards, "m"))
+
+
+def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
+    """`python trainer.py --demo`, shortened: the pydoc corpus is built on first use
+    (train and validation documents disjoint) and the validation loss falls."""
+    monkeypatch.chdir(tmp_path)
+    out = trainer.main(["--demo", "--train.steps", "30", "--train.val_every", "15", "--train.save_every", "0"])
+    train = open_shard(str(tmp_path / "data/pydoc/pydoc_train_000001.bin"))
+    val = open_shard(str(tmp_path / "data/pydoc/pydoc_val_000000.bin"))
+    print(f"pydoc corpus: {len(train):,} train and {len(val):,} validation tokens")
+    assert len(train) > 400_000 and len(val) > 16_384
+    split = lambda toks: {tuple(d) for d in np.split(np.asarray(toks), np.flatnonzero(np.asarray(toks) == CLS_ID)[1:])}
+    assert not split(train) & split(val)
+    vals = [h["loss"] for h in out["history"] if "acc" in h]
+    print("demo val_loss:", [f"{v:.3f}" for v in vals])
+    assert len(vals) == 2 and vals[-1] < 7.5 and np.log(50257) > vals[-1]
+    assert re.search(r"val_loss:\d+\.\d+", open(out["log"]).read())
