@@ -20,7 +20,7 @@ import statistics
 import string
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -326,11 +326,13 @@ def pack_rows(examples: list[dict], pack_len: int) -> list[list[int]]:
     return rows
 
 
-def glue_batch(examples: list[dict], pack_len: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def glue_batch(examples: list[dict], pack_len: int, device, round_rows: bool = False):
     """Pack examples into rows -> ids (R, pack_len), flat [CLS] positions (N,) and the example
-    order those positions follow."""
+    order those positions follow. round_rows pads R to a power of two with [PAD] rows, so a
+    compiled model sees few distinct shapes."""
     rows = pack_rows(examples, pack_len)
-    ids = np.full((len(rows), pack_len), PAD_ID, dtype=np.int64)
+    n_rows = 1 << (len(rows) - 1).bit_length() if round_rows else len(rows)
+    ids = np.full((n_rows, pack_len), PAD_ID, dtype=np.int64)
     cls_pos, order = [], []
     for r, members in enumerate(rows):
         at = 0
@@ -396,14 +398,17 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
     return feats
 
 
-def squad_batch(feats: list[dict], length: int, device):
-    ids = np.full((len(feats), length), PAD_ID, dtype=np.int64)
-    valid = np.zeros((len(feats), length), dtype=bool)
+def squad_batch(feats: list[dict], length: int, device, n_rows: int = 0):
+    """Windows -> ids (R, length), valid positions ([CLS] and context), start/end labels;
+    R = max(len(feats), n_rows), extra rows all [PAD] (a fixed shape for a compiled model)."""
+    R = max(len(feats), n_rows)
+    ids = np.full((R, length), PAD_ID, dtype=np.int64)
+    valid = np.zeros((R, length), dtype=bool)
     for r, f in enumerate(feats):
         ids[r, :len(f["ids"])] = f["ids"]
         valid[r, 0] = True
         valid[r, f["ctx0"]:len(f["ids"]) - 1] = True
-    starts = torch.tensor([f["start"] for f in feats], device=device)
+    starts = torch.tensor([f["start"] for f in feats], device=device)  # labels for the real rows only
     ends = torch.tensor([f["end"] for f in feats], device=device)
     return torch.from_numpy(ids).to(device), torch.from_numpy(valid).to(device), starts, ends
 
@@ -523,9 +528,9 @@ class Runner:
 
     def prepare(self, model):
         """Compile the encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows)."""
-        self.encoder_fn = model.encoder
-        if self.cuda and self.cfg.compile:
-            self.encoder_fn = torch.compile(model.encoder, dynamic=False)
+        self.compiled = self.cuda and self.cfg.compile
+        self.fixed_rows = -(-self.cfg.batch_size // self.d.world) if self.compiled else 0
+        self.encoder_fn = torch.compile(model.encoder, dynamic=False) if self.compiled else model.encoder
 
     def encode(self, model, ids):
         with self.amp:
@@ -533,11 +538,12 @@ class Runner:
 
     def loss_on(self, model, batch_items):
         if self.task in SQUAD:
-            ids, valid, s, e = squad_batch(batch_items, self.cfg.squad_max_len, self.d.device)
+            n = len(batch_items)
+            ids, valid, s, e = squad_batch(batch_items, self.cfg.squad_max_len, self.d.device, self.fixed_rows)
             with self.amp:
                 start, end = model.head(self.encode(model, ids))
-            return SpanHead.loss(start, end, s, e, valid) * len(batch_items)
-        ids, cls_pos, order = glue_batch(batch_items, self.cfg.pack_len, self.d.device)
+            return SpanHead.loss(start[:n], end[:n], s, e, valid[:n]) * n
+        ids, cls_pos, order = glue_batch(batch_items, self.cfg.pack_len, self.d.device, self.compiled)
         h = self.encode(model, ids)
         with self.amp:
             logits = model.head(h.flatten(0, 1)[cls_pos])
@@ -593,13 +599,13 @@ class Runner:
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]
             if self.task in SQUAD:
-                ids, valid, _, _ = squad_batch(batch, self.cfg.squad_max_len, d.device)
+                ids, valid, _, _ = squad_batch(batch, self.cfg.squad_max_len, d.device, bs if self.compiled else 0)
                 with self.amp:
                     s, e = model.head(self.encode(model, ids))
                 for i, si, ei in zip(idx, s.float().cpu().numpy(), e.float().cpu().numpy()):
                     outs[i] = (si, ei)
             else:
-                ids, cls_pos, order = glue_batch(batch, self.cfg.pack_len, d.device)
+                ids, cls_pos, order = glue_batch(batch, self.cfg.pack_len, d.device, self.compiled)
                 h = self.encode(model, ids)
                 with self.amp:
                     logits = model.head(h.flatten(0, 1)[cls_pos]).float().cpu().numpy()

@@ -179,6 +179,7 @@ class Attention(nn.Module):
     def forward(self, x, mask, v_first):  # x: (B, T, D)
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        v = v.contiguous()  # a strided view of qkv here: compiled CPU FlexAttention gets it wrong (torch 2.13)
         if v_first is None:
             v_first = v
         elif self.value_mix is not None:

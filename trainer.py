@@ -8,7 +8,6 @@ Every hyperparameter is a field below, overridable as `--group.key value`.
 Sections: hyperparameters -> distributed setup and logging -> data -> masking ->
 model and optimizer -> schedules -> checkpoints and export -> training loop.
 """
-import dataclasses
 import glob
 import hashlib
 import math
@@ -369,6 +368,25 @@ def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_loca
     return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
 
 
+def make_forward(model: KBERT, compile: bool):
+    """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted), bf16
+    autocast on CUDA. With compile, the encoder is compiled with static shapes (windows are
+    tensor inputs, so growing them never recompiles) and the MLM head with a dynamic number
+    of predicted tokens."""
+    cuda = next(model.parameters()).is_cuda
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    encoder = model
+    if compile:
+        encoder = torch.compile(model, dynamic=False, fullgraph=True)
+        model.mlm_head_loss = torch.compile(model.mlm_head_loss, dynamic=True)
+
+    def forward(inputs, labels, windows, reduction="mean"):
+        with amp:
+            return model.mlm_loss(encoder(inputs, windows), labels, reduction)
+
+    return forward
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12, "B200": 2250e12}  # dense bf16, vendor
 
 
@@ -568,18 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{counts['non_embedding']:,} non-embedding)")
     opt = build_optimizer(model, t)
     cuda = d.device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-
-    encoder = model
-    if cuda and t.compile:
-        # the encoder has static shapes (windows are tensor inputs: no recompiles as they grow);
-        # the MLM head sees a varying number of predicted tokens, so it is compiled dynamic
-        encoder = torch.compile(model, dynamic=False, fullgraph=True)
-        model.mlm_head_loss = torch.compile(model.mlm_head_loss, dynamic=True)
-
-    def forward(inputs, labels, windows, reduction="mean"):
-        with amp:
-            return model.mlm_loss(encoder(inputs, windows), labels, reduction)
+    forward = make_forward(model, compile=cuda and t.compile)
 
     step, tokens_seen = 0, 0
     if resume_state is not None:

@@ -125,7 +125,6 @@ def main(argv=None):
     sizes = {k: v.size for k, v in pending.items()}
 
     def flush(split, final=False):
-        nonlocal bufs
         while sizes[split] >= args.shard_tokens or (final and sizes[split] > 0):
             flat = np.concatenate(bufs[split])
             n = min(args.shard_tokens, flat.size)

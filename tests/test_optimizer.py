@@ -1,6 +1,5 @@
 """optimizer.py against references: SVD polar factor, plain Muon/AdamW steps, and
 torchrun 2 processes (gloo) against 1 process."""
-import json
 import os
 import subprocess
 import sys
