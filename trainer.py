@@ -658,8 +658,10 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = n_seqs * dc.seq_len
         tokens_seen += tokens
         if not math.isfinite(loss_value):
-            log(f"step:{step} loss is {loss_value}: stopping. The last good checkpoint is kept in {ckpt_dir}; "
-                f"lower the learning rates and resume from it with --train.resume {ckpt_dir}")
+            saved = checkpoint_paths(ckpt_dir)
+            where = (f"the last good checkpoint {saved[-1]} is kept; lower the learning rates and resume with "
+                     f"--train.resume {ckpt_dir}") if saved else "no checkpoint was saved yet (see --train.save_every)"
+            log(f"step:{step} loss is {loss_value}: stopping; {where}")
             common.cleanup_distributed(d)
             raise SystemExit(2)
         if step > 1 or not (cuda and t.compile):

@@ -100,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output prefix, e.g. data/shards/mycorpus")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     ap.add_argument("--val-permille", type=int, default=5, help="documents per 1000 routed to validation")
-    ap.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0 = all)")
+    ap.add_argument("--max-docs", type=int, default=0,
+                    help="stop after this many documents in all (0 = all); progress is kept and a later run continues")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch-docs", type=int, default=256)
     args = ap.parse_args(argv)
@@ -164,6 +165,10 @@ def main(argv=None):
             flush("train")
             if state["train_shard"] != shard_before:
                 save_state()
+    if args.max_docs and state["docs"] >= args.max_docs:  # stopped early: keep the partial buffers for a later run
+        save_state(done=False)
+        print(f"stopped after {state['docs']:,} documents; run again without --max-docs to continue")
+        return
     flush("val", final=True)
     flush("train", final=True)
     save_state(done=True)

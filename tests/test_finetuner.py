@@ -186,3 +186,25 @@ def test_bad_inputs_fail_clearly(tmp_path, tok):
         finetuner.squad_features([{**row, "answers": {"text": [], "answer_start": []}}], tok, cfg, "x", v1=True)
     with pytest.raises(SystemExit, match="download_glue"):
         finetuner.read_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
+    """torchrun --nproc_per_node=2 (gloo) splits each batch over ranks: same losses and metrics."""
+    import re
+
+    src = shared_path("data", "glue", "mnli", "validation_matched.jsonl")
+    sub = tmp_path / "m64.jsonl"
+    sub.write_text("".join(open(src).readlines()[:64]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    logs = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=29561",
+               os.path.join(ROOT, "finetuner.py"), "--task", "mnli", "--train.preset", "tiny", "--train.train_file", str(sub),
+               "--train.eval_files", str(sub), "--train.epochs", "2", "--train.lr", "1e-3", "--train.batch_size", "16",
+               "--train.log_every", "2", "--train.dropout", "0", "--train.pack_len", "512", "--train.max_len", "128",
+               "--train.run_id", f"np{n}", "--train.out_dir", str(tmp_path / "ft")]
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        logs[n] = (re.findall(r"step:\d+/8 loss:([\d.]+)", r.stdout), re.findall(r'"accuracy": ([\d.]+)', r.stdout))
+    print("1 process:", logs[1], "\n2 processes:", logs[2])
+    assert len(logs[1][0]) == 4 and logs[1] == logs[2]
