@@ -43,7 +43,10 @@ def main(argv=None):
             hf_hub_download(repo_id=args.repo, filename=name, repo_type="dataset", local_dir=args.out)
         except Exception as e:
             sys.exit(f"could not download {name} from the dataset repo {args.repo}: {type(e).__name__}: {e}")
-        n = read_header(path)  # raises with the file name if the download is broken
+        try:
+            n = read_header(path)
+        except ShardError as e:
+            sys.exit(f"the download of {name} is broken ({e}); run the command again to retry it")
         tqdm.write(f"{name}: {n:,} tokens")
     print(f"done: {len(names)} shards in {args.out}")
 

@@ -6,11 +6,9 @@ answers{text, answer_start}), which finetuner.py reads.
     python data/download_squad.py --v1       # v1.1 -> data/squad/squad/
 """
 import argparse
-import json
 import os
-import sys
 
-from tqdm import tqdm
+from hub_jsonl import download_to_jsonl
 
 
 def main(argv=None):
@@ -19,24 +17,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "squad"))
     args = ap.parse_args(argv)
     name, task = ("rajpurkar/squad", "squad") if args.v1 else ("rajpurkar/squad_v2", "squad_v2")
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(name)
-    except Exception as e:
-        sys.exit(f"could not load {name}: {type(e).__name__}: {e}")
-    folder = os.path.join(args.out, task)
-    os.makedirs(folder, exist_ok=True)
-    for split, rows in ds.items():
-        path = os.path.join(folder, f"{split}.jsonl")
-        if os.path.exists(path):
-            print(f"{path} exists, skipping")
-            continue
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for row in tqdm(rows, desc=f"{task}/{split}", unit="q"):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-        print(f"{path}: {len(rows):,} rows")
+    download_to_jsonl(name, None, os.path.join(args.out, task))
 
 
 if __name__ == "__main__":

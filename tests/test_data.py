@@ -56,3 +56,43 @@ def test_tokenize_split_and_resume(tmp_path, tok):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "tokenize_text.py"), "--files", str(tmp_path / "none*.jsonl"),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "no files match" in r.stderr
+
+
+def test_download_scripts_with_a_fake_hub(tmp_path, monkeypatch):
+    """The download scripts' own logic, offline: fakes stand at the huggingface_hub and
+    datasets boundaries."""
+    import datasets
+    import huggingface_hub
+
+    import download_fineweb_edu
+    import download_glue
+    from data.shards import write_shard
+
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, repo_type, local_dir):
+        calls.append(filename)
+        n = 7 if "train_000002" not in filename else -1  # shard 2 arrives truncated
+        write_shard(os.path.join(local_dir, filename), np.arange(max(n, 5)))
+        if n < 0:
+            with open(os.path.join(local_dir, filename), "r+b") as f:
+                f.truncate(1024 + 4)
+        return os.path.join(local_dir, filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    out = tmp_path / "fwe"
+    download_fineweb_edu.main(["1", "--out", str(out)])
+    assert calls == ["finewebedu_val_000000.bin", "finewebedu_train_000001.bin"]
+    download_fineweb_edu.main(["1", "--out", str(out)])  # complete shards are skipped
+    assert len(calls) == 2
+    import pytest
+
+    with pytest.raises(SystemExit, match="download of finewebedu_train_000002.bin is broken"):
+        download_fineweb_edu.main(["2", "--out", str(out)])
+
+    rows = {"train": [{"premise": "p", "hypothesis": "h", "label": 0, "idx": 0}],
+            "validation_matched": [{"premise": "q", "hypothesis": "i", "label": 2, "idx": 0}]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: rows)
+    download_glue.main(["mnli", "--out", str(tmp_path / "glue")])
+    got = [json.loads(line) for line in open(tmp_path / "glue" / "mnli" / "validation_matched.jsonl")]
+    assert got == rows["validation_matched"]
