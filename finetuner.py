@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import common
 import trainer
@@ -254,7 +255,7 @@ class FinetuneConfig:
     betas: str = "0.9,0.98"  # ModernBERT's finetuning betas
     warmup_frac: float = 0.1  # linear warm-up, then linear decay to 0
     epochs: float = 1.0
-    batch_size: int = 32  # examples (GLUE) or windows (SQuAD) per step, over all ranks
+    batch_size: int = 64  # examples (GLUE) or windows (SQuAD) per step, over all ranks (ModernBERT/DeBERTa MNLI: 64)
     max_len: int = 256  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
     pack_len: int = 1024  # GLUE row length into which examples are packed (multiple of 128)
     squad_max_len: int = 384  # window length (question + context)
@@ -472,7 +473,7 @@ def build_model(cfg: FinetuneConfig, task: str, seed: int):
     return TaskModel(encoder, head)
 
 
-def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig, steps: int) -> MuonAdamW:
+def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
     betas = tuple(float(b) for b in cfg.betas.split(","))
     head_lr = cfg.head_lr or cfg.lr
     if cfg.optimizer == "muon":
@@ -557,7 +558,7 @@ class Runner:
         self.prepare(model)
         steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
         steps = max(1, round(cfg.epochs * steps_per_epoch))
-        opt = build_ft_optimizer(model, cfg, steps)
+        opt = build_ft_optimizer(model, cfg)
         warm = max(1, round(cfg.warmup_frac * steps))
         rng = np.random.default_rng(seed)
         order = []
@@ -594,8 +595,6 @@ class Runner:
         mine = list(range(d.rank, len(items), d.world))
         outs = {}
         t0 = time.perf_counter()
-        from tqdm import tqdm
-
         for k in tqdm(range(0, len(mine), bs), desc="eval", disable=not d.master, leave=False):
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]

@@ -122,7 +122,7 @@ def test_mnli_overfits_and_reload_gives_same_predictions(tmp_path, tok):
     sub = tmp_path / "mnli256.jsonl"
     sub.write_text("".join(open(src).readlines()[:256]))
     out = run(["--task", "mnli", "--train.preset", "tiny", "--train.train_file", str(sub), "--train.eval_files", str(sub),
-               "--train.epochs", "30", "--train.lr", "3e-3", "--train.dropout", "0", "--train.pack_len", "512",
+               "--train.epochs", "30", "--train.lr", "3e-3", "--train.batch_size", "32", "--train.dropout", "0", "--train.pack_len", "512",
                "--train.max_len", "128", "--train.log_every", "60", "--train.run_id", "mnli"], tmp_path)
     acc = out["seeds"][0]["mnli256"]["accuracy"]
     print(f"MNLI 256-example overfit: train accuracy {acc:.2f}%, "
@@ -140,12 +140,12 @@ def test_mnli_overfits_and_reload_gives_same_predictions(tmp_path, tok):
     assert [int(np.argmax(o)) for o in outs] == saved
 
 
-def test_squad_subset_overfits(tmp_path):
+def test_squad_subset_overfits(tmp_path, tok):
     src = shared_path("data", "squad_v2", "validation.jsonl")
     sub = tmp_path / "sq48.jsonl"
     sub.write_text("".join(open(src).readlines()[:48]))
     out = run(["--task", "squad_v2", "--train.preset", "tiny", "--train.train_file", str(sub), "--train.eval_files", str(sub),
-               "--train.epochs", "60", "--train.lr", "3e-3", "--train.batch_size", "16", "--train.dropout", "0",
+               "--train.epochs", "50", "--train.lr", "3e-3", "--train.batch_size", "16", "--train.dropout", "0",
                "--train.log_every", "100", "--train.run_id", "sq"], tmp_path)
     s = out["seeds"][0]["sq48"]
     print(f"SQuAD v2 48-question overfit: exact {s['exact']:.2f} f1 {s['f1']:.2f} (HasAns {s['HasAns_exact']:.2f}, "

@@ -311,7 +311,7 @@ def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     """`python trainer.py --demo`, shortened: the pydoc corpus is built on first use
     (train and validation documents disjoint) and the validation loss falls."""
     monkeypatch.chdir(tmp_path)
-    out = trainer.main(["--demo", "--train.steps", "30", "--train.val_every", "15", "--train.save_every", "0"])
+    out = trainer.main(["--demo", "--train.steps", "20", "--train.val_every", "10", "--train.save_every", "0"])
     train = open_shard(str(tmp_path / "data/pydoc/pydoc_train_000001.bin"))
     val = open_shard(str(tmp_path / "data/pydoc/pydoc_val_000000.bin"))
     print(f"pydoc corpus: {len(train):,} train and {len(val):,} validation tokens")
