@@ -451,12 +451,11 @@ def squad_postprocess(feats: list[dict], start_logits: list[np.ndarray], end_log
 
 
 class TaskModel(torch.nn.Module):
+    """The encoder and its task head, saved and loaded together (the Runner calls each)."""
+
     def __init__(self, encoder, head):
         super().__init__()
         self.encoder, self.head = encoder, head
-
-    def forward(self, ids):
-        return self.encoder(ids)
 
 
 def build_model(cfg: FinetuneConfig, task: str, seed: int):
