@@ -208,3 +208,25 @@ def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
         logs[n] = (re.findall(r"step:\d+/8 loss:([\d.]+)", r.stdout), re.findall(r'"accuracy": ([\d.]+)', r.stdout))
     print("1 process:", logs[1], "\n2 processes:", logs[2])
     assert len(logs[1][0]) == 4 and logs[1] == logs[2]
+
+
+def test_regression_task_muon_optimizer_and_several_seeds(tmp_path, tok):
+    """STS-B (one output: regression, Pearson/Spearman) with the Muon option and two seeds:
+    the summary holds median, min, max over the seeds."""
+    rng = np.random.default_rng(0)
+    rows = [{"sentence1": f"a cat sat on mat number {i}", "sentence2": "a cat " * int(rng.integers(1, 6)),
+             "label": float(rng.uniform(0, 5)), "idx": i} for i in range(48)]
+    data = tmp_path / "stsb.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run(["--task", "stsb", "--train.preset", "tiny", "--train.train_file", str(data), "--train.eval_files", str(data),
+               "--train.optimizer", "muon", "--train.seeds", "0,1", "--train.epochs", "2", "--train.batch_size", "16",
+               "--train.pack_len", "256", "--train.max_len", "64", "--train.run_id", "sts"], tmp_path)
+    assert [s["seed"] for s in out["seeds"]] == [0, 1]
+    summary = out["summary"]["stsb/pearson"]
+    vals = [s["stsb"]["pearson"] for s in out["seeds"]]
+    assert summary["n"] == 2 and summary["min"] == min(vals) and summary["max"] == max(vals)
+    assert set(out["seeds"][0]["stsb"]) >= {"pearson", "spearman"}
+    preds = [json.loads(line) for line in open(tmp_path / "finetuned" / "sts" / "seed1" / "predictions_stsb.jsonl")]
+    assert len(preds) == 48 and isinstance(preds[0]["prediction"], float)
+    model, config = finetuner.load_finetuned(str(tmp_path / "finetuned" / "sts" / "seed1" / "model"))
+    assert config["task"] == "stsb" and model.head.n_labels == 1
