@@ -352,7 +352,7 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
     context pieces overlapping by doc_stride. Labels: token indices of the answer's first
     and last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
     entirely inside the window."""
-    feats = []
+    feats, encoded = [], {}  # a context is shared by many questions: tokenize it once
     for n, row in enumerate(rows):
         for k in ("id", "context", "question", "answers"):
             if k not in row:
@@ -368,7 +368,9 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
         if v1 and len(answers["text"]) == 0:
             raise SystemExit(f"{path} row {n}: SQuAD v1.1 question without an answer")
         q_ids = tok.encode_ordinary(row["question"])[: cfg.max_query_len]
-        c_ids, spans = tok.encode_with_offsets(context)
+        if context not in encoded:
+            encoded[context] = tok.encode_with_offsets(context)
+        c_ids, spans = encoded[context]
         budget = cfg.squad_max_len - len(q_ids) - 3
         start_char = end_char = None
         if answers["text"]:

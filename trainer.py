@@ -669,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
         history.append({"step": step, "loss": loss_value})
         if step % t.log_every == 0 or step == t.steps:
             n_pred_all = int(common.all_reduce_sum(torch.tensor(float(n_pred), device=d.device), d).item())
+        if d.master and (step % t.log_every == 0 or step == t.steps):
             pairs_l, pairs_g = attention_pairs(batch, windows_py[0]), attention_pairs(batch, windows_py[1])
             flops = training_flops(hp.model, tokens, n_pred_all, pairs_l, pairs_g)
             mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
