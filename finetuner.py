@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import common
 import trainer
-from model import CLS_ID, PAD_ID, SEP_ID, ClassificationHead, SpanHead
+from model import CLS_ID, KBERT, PAD_ID, SEP_ID, ClassificationHead, ModelConfig, SpanHead
 from optimizer import MuonAdamW
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str, require_labels: bool) -> list[dict]:
+def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> list[dict]:
     spec = GLUE[task]
     out = []
     for n, row in enumerate(rows):
@@ -301,7 +301,7 @@ def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str, req
         label = row["label"]
         if spec.n_labels > 1 and label != -1 and not (isinstance(label, int) and 0 <= label < spec.n_labels):
             raise SystemExit(f"{path} row {n}: label {label!r} out of range for {task} (0..{spec.n_labels - 1})")
-        if label == -1 and require_labels:
+        if label == -1:
             raise SystemExit(f"{path} row {n}: label -1 (a test split without labels) cannot be used here")
         texts = [row[k] for k in spec.text_fields]
         ids = tok.encode(texts[0], texts[1] if len(texts) > 1 else None, max_len=max_len)
@@ -372,28 +372,26 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
             encoded[context] = tok.encode_with_offsets(context)
         c_ids, spans = encoded[context]
         budget = cfg.squad_max_len - len(q_ids) - 3
-        start_char = end_char = None
+        first = last = None  # the answer's first and last context tokens
         if answers["text"]:
             text, start_char = answers["text"][0], answers["answer_start"][0]
+            if not text.strip():
+                raise SystemExit(f"{path} row {n} (id {row['id']}): empty answer text; an unanswerable question has no answers")
             if context[start_char:start_char + len(text)] != text:
-                found = context.find(text)
-                if found < 0:
+                start_char = context.find(text)
+                if start_char < 0:
                     raise SystemExit(f"{path} row {n} (id {row['id']}): answer {text!r} is not in the context")
-                start_char = found
             end_char = start_char + len(text)
+            first = next(i for i, sp in enumerate(spans) if sp[1] > start_char)
+            last = next(i for i in reversed(range(len(spans))) if spans[i][0] < end_char)
         offset = 0
         while True:
             piece = slice(offset, min(offset + budget, len(c_ids)))
             ids = [CLS_ID] + q_ids + [SEP_ID] + c_ids[piece] + [SEP_ID]
             ctx0 = len(q_ids) + 2  # index of the first context token in the window
             start = end = 0
-            if start_char is not None:
-                toks = range(piece.start, piece.stop)
-                s = next((i for i in toks if spans[i][1] > start_char), None)
-                e = next((i for i in reversed(toks) if spans[i][0] < end_char), None)
-                if s is not None and e is not None and s <= e and spans[piece.start][0] <= start_char and \
-                        spans[piece.stop - 1][1] >= end_char:
-                    start, end = ctx0 + s - piece.start, ctx0 + e - piece.start
+            if first is not None and piece.start <= first <= last < piece.stop:  # the whole answer is inside
+                start, end = ctx0 + first - piece.start, ctx0 + last - piece.start
             feats.append({"qid": row["id"], "ids": ids, "start": start, "end": end, "ctx0": ctx0,
                           "spans": spans[piece], "context": context})
             if piece.stop >= len(c_ids):
@@ -461,8 +459,6 @@ class TaskModel(torch.nn.Module):
 
 
 def build_model(cfg: FinetuneConfig, task: str, seed: int):
-    from model import KBERT, ModelConfig
-
     torch.manual_seed(seed)
     if cfg.base_model == "none":
         encoder = KBERT(ModelConfig(preset=cfg.preset, dropout=cfg.dropout))
@@ -524,8 +520,8 @@ def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
 class Runner:
     """One finetuning run (one seed) of one task, on 1 or N ranks."""
 
-    def __init__(self, task, cfg, d: common.Dist, tok, log):
-        self.task, self.cfg, self.d, self.tok, self.log = task, cfg, d, tok, log
+    def __init__(self, task, cfg, d: common.Dist, log):
+        self.task, self.cfg, self.d, self.log = task, cfg, d, log
         self.cuda = d.device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
@@ -625,9 +621,10 @@ class Runner:
         if self.task in SQUAD:
             preds, diffs = squad_postprocess(items, [o[0] for o in outs], [o[1] for o in outs], self.cfg)
             gold = collections.OrderedDict((r["id"], list(r["answers"]["text"])) for r in rows)
-            thresholded = {q: ("" if diffs[q] > self.cfg.null_threshold else p) for q, p in preds.items()}
             if self.task == "squad":  # v1.1: every question has an answer
                 thresholded = preds
+            else:
+                thresholded = {q: ("" if diffs[q] > self.cfg.null_threshold else p) for q, p in preds.items()}
             scores = squad_v2_scores(gold, thresholded)
             finite = {q: (v if math.isfinite(v) else 1e9) for q, v in diffs.items()}
             sweep = squad_v2_scores(gold, preds, finite)
@@ -663,7 +660,7 @@ def task_files(task: str, cfg: FinetuneConfig) -> tuple[str, dict]:
     return train, evals
 
 
-def run_task(task: str, cfg: FinetuneConfig, argv_for_log=None) -> dict:
+def run_task(task: str, cfg: FinetuneConfig) -> dict:
     d = common.setup_distributed(cfg.device)
     run_id = cfg.run_id or common.new_run_id(f"ft-{task}")
     log = common.RunLog(run_id, d.master)
@@ -679,12 +676,12 @@ def run_task(task: str, cfg: FinetuneConfig, argv_for_log=None) -> dict:
         train_items = squad_features(train_rows, tok, cfg, train_path, v1=v1)
         eval_items = {s: squad_features(r, tok, cfg, eval_paths[s], v1=v1) for s, r in eval_rows.items()}
     else:
-        train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path, require_labels=True)
-        eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s], require_labels=True) for s, r in eval_rows.items()}
+        train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path)
+        eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
 
-    runner = Runner(task, cfg, d, tok, log)
+    runner = Runner(task, cfg, d, log)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     per_seed = []
     out_root = os.path.join(cfg.out_dir, run_id)

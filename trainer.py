@@ -10,6 +10,7 @@ model and optimizer -> schedules -> checkpoints and export -> training loop.
 """
 import glob
 import hashlib
+import json
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ import torch
 
 import common
 from data.shards import open_shard, write_shard
-from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig
+from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
 
 # ----------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
 
 # `python trainer.py --demo`: a tiny KBERT on the Python docs that ship with Python, on CPU.
 DEMO = {
-    "model": dict(preset="tiny", global_window=512),
+    "model": dict(preset="tiny"),
     "data": dict(source="pydoc", seq_len=512),
     "train": dict(steps=300, batch_tokens=4096, micro_batch_seqs=8, lr_muon=0.04, lr_embed=0.03, lr_scalar=0.02,
                   warmup_frac=0.02, muon_momentum_warmup_steps=50, local_window_start=64, local_window_end=128,
@@ -98,8 +99,16 @@ class Hyperparameters:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+PYDOC_FILES = ("data/pydoc/pydoc_train_*.bin", "data/pydoc/pydoc_val_*.bin")
+
+
 def parse_args(argv: list[str]) -> Hyperparameters:
+    """Overrides on top of the defaults (or DEMO), then the derived fields: the exported
+    model's windows are the ones training ends with, and --data.source pydoc fixes the globs."""
     overrides, flags = common.parse_overrides(argv, GROUPS, flags=("demo",))
+    for name in ("local_window", "global_window"):
+        if name in overrides["model"]:
+            raise SystemExit(f"--model.{name} is derived from the training schedule: set --train.{name}_end instead")
     groups = {}
     for name, cls in GROUPS.items():
         kwargs = {**(DEMO[name] if "demo" in flags else {}), **overrides[name]}
@@ -109,6 +118,9 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             raise SystemExit(f"--{name}.*: {e}") from None
     hp = Hyperparameters(**groups)
     check(hp)
+    hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train)
+    if hp.data.source == "pydoc":
+        hp.data.train_files, hp.data.val_files = PYDOC_FILES
     return hp
 
 
@@ -136,7 +148,7 @@ def check(hp: Hyperparameters):
 # Data: shards -> documents -> packed fixed-length sequences
 
 
-def build_pydoc_corpus(folder: str = "data/pydoc", val_permille: int = 50) -> None:
+def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
     """The demo's embedded default: the pydoc topic pages and the module docstrings of the
     standard library that ship with every Python, tokenized once into train/val shards.
     A document goes to validation by a hash of its text, so the splits never overlap."""
@@ -209,10 +221,9 @@ class PackedLoader:
 
     def _shard(self):
         path = self._order()[self.file_idx]
-        if self._loaded is None or self._loaded[0] != path or self._loaded[3] != self.epoch:
+        if self._loaded is None or self._loaded[0] != path:
             tokens = open_shard(path)
-            starts = np.flatnonzero(tokens == CLS_ID)
-            self._loaded = (path, tokens, starts, self.epoch)
+            self._loaded = (path, tokens, np.flatnonzero(tokens == CLS_ID))
         return self._loaded[1], self._loaded[2]
 
     def _next_piece(self):
@@ -278,21 +289,22 @@ class PackedLoader:
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = s["epoch"], s["file_idx"], s["pos"], s["cont"], s["seq_index"]
 
 
+def document_lengths(batch: np.ndarray) -> np.ndarray:
+    """Lengths of the real (non-padding) documents of packed rows, as the attention mask
+    sees them (model.document_ids)."""
+    ids = torch.from_numpy(batch).long()
+    docs = document_ids(ids).long() + (ids.size(1) + 1) * torch.arange(ids.size(0))[:, None]  # unique across rows
+    _, lengths = torch.unique_consecutive(docs.flatten(), return_counts=True)
+    starts = lengths.cumsum(0) - lengths
+    return lengths[ids.flatten()[starts] != PAD_ID].numpy()
+
+
 def attention_pairs(batch: np.ndarray, window: int) -> int:
     """Number of (query, key) pairs a window-W document mask lets through, summed over the
-    real (non-padding) documents of a batch: a document of length L has L^2 pairs when
-    L <= W, else L(2W - 1) - W(W - 1). Used for the attention term of the FLOP count."""
-    flat = batch.reshape(-1)
-    T = batch.shape[-1]
-    is_start = (flat == CLS_ID)
-    is_start[::T] = True  # every row begins a segment (pads after the last doc at row ends)
-    pad = flat == PAD_ID
-    is_start |= pad & ~np.concatenate([[False], pad[:-1]])
-    starts = np.flatnonzero(is_start)
-    lengths = np.diff(np.append(starts, flat.size)).astype(np.int64)
-    lengths = lengths[~pad[starts]]
-    W = window
-    return int(np.where(lengths <= W, lengths**2, lengths * (2 * W - 1) - W * (W - 1)).sum())
+    real documents of a batch: a document of length L has L^2 pairs when L <= W, else
+    L(2W - 1) - W(W - 1). Used for the attention term of the FLOP count."""
+    L, W = document_lengths(batch).astype(np.int64), window
+    return int(np.where(L <= W, L**2, L * (2 * W - 1) - W * (W - 1)).sum())
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,10 +351,11 @@ def mask_tokens(ids: torch.Tensor, first_seq: int, seed: int, mask_rate: float, 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | None = None) -> MuonAdamW:
     """Muon: 2-D matrices inside the blocks. AdamW: the embedding (= tied MLM head), and
     every gain and scalar. `extra_adam`: (params, lr) of task heads (finetuner)."""
-    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
-    embed = [p for n, p in model.named_parameters() if n.startswith(("embed.", "mlm_head."))]
-    scalars = [p for n, p in model.named_parameters() if not n.startswith(("blocks.", "embed.", "mlm_head.")) or
-               (n.startswith("blocks.") and p.ndim != 2)]
+    named = list(model.named_parameters())
+    hidden = [p for n, p in named if n.startswith("blocks.") and p.ndim == 2]
+    embed = [p for n, p in named if n.startswith(("embed.", "mlm_head."))]
+    taken = {id(p) for p in hidden + embed}
+    scalars = [p for _, p in named if id(p) not in taken]
     betas = tuple(float(b) for b in t.adam_betas.split(","))
     groups = [dict(kind="muon", params=hidden, lr=t.lr_muon, momentum=t.muon_momentum_end, weight_decay=t.weight_decay),
               dict(kind="adamw", params=embed, lr=t.lr_embed, betas=betas),
@@ -482,8 +495,6 @@ def load_checkpoint(path: str, log) -> dict:
 
 
 def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str) -> str:
-    import json
-
     val_line = f"{val['loss']:.4f} per predicted token, MLM accuracy {val['acc']:.4f}" if val else "not measured"
     return (f"---\nlibrary_name: kbert\ntags: [fill-mask, encoder, kbert]\n---\n# KBERT ({hp.model.preset})\n\n"
             f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
@@ -565,10 +576,9 @@ def main(argv: list[str] | None = None) -> dict:
     # data
     if dc.source == "pydoc":
         if d.master:
-            build_pydoc_corpus()
+            build_pydoc_corpus(os.path.dirname(PYDOC_FILES[0]))
         if d.world > 1:
             torch.distributed.barrier()
-        dc.train_files, dc.val_files = "data/pydoc/pydoc_train_*.bin", "data/pydoc/pydoc_val_*.bin"
     train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
     loader = PackedLoader(train_files, dc.seq_len, seed=t.seed)
     unit = d.world * t.micro_batch_seqs
@@ -612,8 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = step == t.steps
         if last or (t.val_every and step % t.val_every == 0 and step > start_step):
             model.eval()
-            windows = torch.tensor(windows_at(t.steps, t), dtype=torch.int32, device=d.device)
-            val = evaluate(forward, val_files, hp, d, windows)
+            val = evaluate(forward, val_files, hp, d, model.default_windows(d.device))  # the final windows
             model.train()
             log(f"step:{step}/{t.steps} val_loss:{val['loss']:.4f} val_acc:{val['acc']:.4f} "
                 f"train_time:{train_time * 1000:.0f}ms tokens_seen:{tokens_seen}")

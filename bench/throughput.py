@@ -18,7 +18,8 @@ each model's design does:
   + 6 x d x V x (positions sent through the vocab head)   KBERT and ModernBERT (sparse
                                                            prediction): predicted tokens only;
                                                            BERT: every position
-MFU = FLOPs / time / (bf16 matmul rate measured on this card, 8192^3). transformers is an
+Each model's timing rotates over two steps' worth of batches; FLOPs per step are the mean
+over them. MFU = FLOPs / time / (bf16 matmul rate measured on this card, 8192^3). transformers is an
 optional import for this script only.
 """
 import dataclasses
@@ -126,7 +127,7 @@ def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, 
     T = cfg.kbert_seq_len
     rows_per_step = cfg.tokens_per_step // T
     accum = rows_per_step // micro
-    model = KBERT(ModelConfig(preset=preset, global_window=cfg.window_global)).to(device)
+    model = KBERT(ModelConfig(preset=preset)).to(device)
     t = trainer.TrainConfig()
     opt = trainer.build_optimizer(model, t)
     forward = trainer.make_forward(model, compile=cfg.compile and device.type == "cuda")
@@ -146,14 +147,14 @@ def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, 
         opt.zero_grad(set_to_none=True)
 
     dt, mem = time_steps(step, cfg, device)
+    # per-step averages over the two steps' worth of data that the timing rotated through
     n_pred = sum(int((lab >= 0).sum()) for _, lab in masked) / 2
-    step_rows = data[:rows_per_step]
-    flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(step_rows, cfg.window_local),
-                                   trainer.attention_pairs(step_rows, cfg.window_global))
+    flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(data, cfg.window_local) / 2,
+                                   trainer.attention_pairs(data, cfg.window_global) / 2)
     result = {"model": f"KBERT-{preset}", "params": model.param_counts()["total"], "tokens_per_step": cfg.tokens_per_step,
               "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000, "tokens_per_s": cfg.tokens_per_step / dt,
               "flops_per_step": flops, "mfu": flops / dt / peak, "peak_mem_gib": mem,
-              "mean_doc_len": float(np.mean(np.diff(np.append(np.flatnonzero(step_rows.reshape(-1) == CLS_ID), step_rows.size))))}
+              "mean_doc_len": float(trainer.document_lengths(data).mean())}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as torch_profile
 

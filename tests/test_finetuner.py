@@ -97,7 +97,7 @@ def test_packed_examples_classify_as_if_alone(tok):
     head = ClassificationHead(64, 3, dropout=0.0)
     torch.nn.init.normal_(head.out.weight)
     rows = [{"premise": f"Sentence number {i} about cats.", "hypothesis": "Cats " * (i % 7 + 1), "label": i % 3} for i in range(12)]
-    items = finetuner.glue_examples(rows, "mnli", tok, 128, "mem", require_labels=True)
+    items = finetuner.glue_examples(rows, "mnli", tok, 128, "mem")
     with torch.no_grad():
         ids, cls_pos, order = finetuner.glue_batch(items, 512, "cpu")
         packed = head(enc(ids).flatten(0, 1)[cls_pos])
@@ -131,9 +131,9 @@ def test_mnli_overfits_and_reload_gives_same_predictions(tmp_path, tok):
     folder = tmp_path / "finetuned" / "mnli" / "seed0" / "model"
     model, config = finetuner.load_finetuned(str(folder))
     assert config["task"] == "mnli" and config["labels"] == ["entailment", "neutral", "contradiction"]
-    items = finetuner.glue_examples([json.loads(line) for line in open(sub)], "mnli", tok, 128, str(sub), True)
+    items = finetuner.glue_examples([json.loads(line) for line in open(sub)], "mnli", tok, 128, str(sub))
     cfg = finetuner.FinetuneConfig(pack_len=512)
-    runner = finetuner.Runner("mnli", cfg, finetuner.common.Dist(0, 0, 1, torch.device("cpu")), tok, print)
+    runner = finetuner.Runner("mnli", cfg, finetuner.common.Dist(0, 0, 1, torch.device("cpu")), print)
     runner.prepare(model)
     outs, _ = runner.predict(model, items)
     saved = [json.loads(line)["prediction"] for line in open(tmp_path / "finetuned" / "mnli" / "seed0" / "predictions_mnli256.jsonl")]
@@ -168,11 +168,11 @@ def test_bad_inputs_fail_clearly(tmp_path, tok):
     with pytest.raises(SystemExit, match="unknown option --train.lrr"):
         finetuner.main(["--task", "mnli", "--train.lrr", "1"])
     with pytest.raises(SystemExit, match=r"missing column\(s\) \['hypothesis'\]"):
-        finetuner.glue_examples([{"premise": "a", "label": 0}], "mnli", tok, 64, "x.jsonl", True)
+        finetuner.glue_examples([{"premise": "a", "label": 0}], "mnli", tok, 64, "x.jsonl")
     with pytest.raises(SystemExit, match="label 3 out of range"):
-        finetuner.glue_examples([{"premise": "a", "hypothesis": "b", "label": 3}], "mnli", tok, 64, "x.jsonl", True)
+        finetuner.glue_examples([{"premise": "a", "hypothesis": "b", "label": 3}], "mnli", tok, 64, "x.jsonl")
     with pytest.raises(SystemExit, match="label -1"):
-        finetuner.glue_examples([{"premise": "a", "hypothesis": "b", "label": -1}], "mnli", tok, 64, "x.jsonl", True)
+        finetuner.glue_examples([{"premise": "a", "hypothesis": "b", "label": -1}], "mnli", tok, 64, "x.jsonl")
     cfg = finetuner.FinetuneConfig()
     row = {"id": "q1", "context": "Paris is in France.", "question": "Where?", "answers": {"text": ["France"], "answer_start": [12]}}
     assert finetuner.squad_features([row], tok, cfg, "x")[0]["start"] > 0
