@@ -96,11 +96,12 @@ class MuonAdamW(torch.optim.Optimizer):
             assert set(ids) == expected, (
                 f"{len(expected - set(ids))} parameters have no group, {len(set(ids) - expected)} are not expected"
             )
-        if process_group is None and dist.is_available() and dist.is_initialized():
-            process_group = dist.group.WORLD
+        # None means the default group; no reference to it is kept, so destroy_process_group()
+        # frees it (a gloo group alive at interpreter exit can abort the process, see common.py).
         self.pg = process_group
-        self.world = dist.get_world_size(process_group) if process_group is not None else 1
-        self.rank = dist.get_rank(process_group) if process_group is not None else 0
+        distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
+        self.world = dist.get_world_size(process_group) if distributed else 1
+        self.rank = dist.get_rank(process_group) if distributed else 0
         # Muon matrices are stacked by (group, shape) into buckets padded to a multiple of
         # the world size; rank r owns slice [r*n_local, (r+1)*n_local) of each bucket.
         self.buckets = []

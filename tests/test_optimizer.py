@@ -1,6 +1,7 @@
 """optimizer.py against references: SVD polar factor, plain Muon/AdamW steps, and
 torchrun 2 processes (gloo) against 1 process."""
 import os
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,10 @@ def test_two_processes_match_one(tmp_path):
            os.path.join(os.path.dirname(__file__), "dist_optimizer_worker.py"), str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the default group is freed on destroy (its threads do not race interpreter exit)
+    if sys.platform == "linux":
+        threads = sorted(re.findall(r"rank (\d) gloo threads after cleanup: (\d+)", r.stdout))
+        assert threads == [("0", "0"), ("1", "0")], r.stdout
     got = torch.load(out, weights_only=True)
     params, opt = run_steps()
     worst = max((a - b.detach()).abs().max().item() for a, b in zip(got["params"], params))
