@@ -558,6 +558,17 @@ def evaluate(forward, files, hp, d: common.Dist, windows) -> dict:
 # Training
 
 
+def nonfinite_report(model: torch.nn.Module, limit: int = 8) -> str:
+    """Which tensors hold NaN/inf on this rank after a failed step: gradients of that step
+    (where the trouble shows first) and weights after its update."""
+    lines = []
+    for what, get in (("gradients", lambda p: p.grad), ("weights", lambda p: p)):
+        bad = [n for n, p in model.named_parameters() if get(p) is not None and not torch.isfinite(get(p)).all()]
+        shown = ", ".join(bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+        lines.append(f"non-finite {what} (rank-local): {shown or 'none'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     hp = parse_args(sys.argv[1:] if argv is None else argv)
     t, dc = hp.train, hp.data
@@ -647,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
             if g["kind"] == "muon":
                 g["momentum"] = lerp(t.muon_momentum_start, t.muon_momentum_end, step / max(1, t.muon_momentum_warmup_steps))
         accum = n_seqs // unit
+        opt.zero_grad(set_to_none=True)  # here, not after the step: a failing step's gradients stay inspectable
         loss_sum = torch.zeros((), device=d.device)
         n_pred = 0
         for k in range(accum):
@@ -658,19 +670,22 @@ def main(argv: list[str] | None = None) -> dict:
             (loss / accum).backward()
             loss_sum += loss.detach()
             n_pred += count
+        # this rank's gradient norm (the whole batch's on 1 process); NaN/inf flags a bad step
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_avg = common.all_reduce_sum(loss_sum / accum, d) / d.world
-        loss_value = loss_avg.item()  # syncs
+        stats = common.all_reduce_sum(torch.stack([loss_sum / accum, (~grad_norm.isfinite()).float()]), d)
+        loss_value, bad_grad_ranks = (stats[0] / d.world).item(), int(stats[1].item())  # syncs
+        grad_norm_value = grad_norm.item()
         dt = time.perf_counter() - t0
         step += 1
         tokens = n_seqs * dc.seq_len
         tokens_seen += tokens
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) or bad_grad_ranks:
             saved = checkpoint_paths(ckpt_dir)
             where = (f"the last good checkpoint {saved[-1]} is kept; lower the learning rates and resume with "
                      f"--train.resume {ckpt_dir}") if saved else "no checkpoint was saved yet (see --train.save_every)"
-            log(f"step:{step} loss is {loss_value}: stopping; {where}")
+            log(f"step:{step} loss is {loss_value}, gradients non-finite on {bad_grad_ranks} of {d.world} ranks: "
+                f"stopping; {where}\n{nonfinite_report(model)}")
             common.cleanup_distributed(d)
             raise SystemExit(2)
         if step > 1 or not (cuda and t.compile):
@@ -683,7 +698,7 @@ def main(argv: list[str] | None = None) -> dict:
             flops = training_flops(hp.model, tokens, n_pred_all, pairs_l, pairs_g)
             mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
             mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"
-            log(f"step:{step}/{t.steps} loss:{loss_value:.4f} lr:{mult:.4f} mask:{mask_rate:.3f} "
+            log(f"step:{step}/{t.steps} loss:{loss_value:.4f} gnorm:{grad_norm_value:.3f} lr:{mult:.4f} mask:{mask_rate:.3f} "
                 f"windows:{windows_py[0]}/{windows_py[1]} batch:{tokens} dt:{dt * 1000:.0f}ms "
                 f"tok/s:{tokens / dt:.0f} mfu:{mfu} mem:{mem}")
 

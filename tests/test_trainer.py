@@ -234,6 +234,29 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, monkeypatch):
     assert "loss is nan" in open(shards / "logs" / "nan.txt").read()
 
 
+def test_nonfinite_gradient_with_finite_loss_stops_and_names_the_tensor(shards, monkeypatch):
+    """From the 5th step on, one matrix gets an inf gradient while the loss stays finite: the
+    run stops at that step and the log names the matrix (the clue for a NaN hunt)."""
+    monkeypatch.chdir(shards)
+    calls = {"n": 0}
+    real = KBERT.mlm_head_loss
+
+    def poisoned(self, h, target, reduction="mean"):
+        calls["n"] += 1
+        if calls["n"] == 4 * 4 + 1:
+            self.blocks[1].mlp.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return real(self, h, target, reduction)
+
+    monkeypatch.setattr(KBERT, "mlm_head_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "inf") + ["--train.val_every", "0"])
+    assert e.value.code == 2
+    text = open(shards / "logs" / "inf.txt").read()
+    assert "step:5 loss is " in text and "gradients non-finite on 1 of 1 ranks" in text
+    assert "non-finite gradients (rank-local): blocks.1.mlp.fc.weight\n" in text
+    assert "step:4/" in text and "gnorm:" in text
+
+
 def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
     monkeypatch.chdir(shards)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
