@@ -39,7 +39,11 @@ class TrainConfig:
     batch_tokens_start: int = 0  # >0: batch-size warm-up, linear from this to batch_tokens ...
     batch_warmup_frac: float = 0.0  # ... over this fraction of the steps
     lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
-    lr_embed: float = 0.01  # token embedding, tied MLM head (AdamW)
+    # token embedding = tied MLM head (AdamW). Adam moves each row ~lr per coordinate per step, so
+    # logits move ~lr*d_model nats a step: 0.01 cost ~1 nat of loss in paired CPU runs (untied
+    # too) and pulled the tied rows toward one direction (README, Pretraining). 0.002*768 is
+    # close to the demo's 0.03*64.
+    lr_embed: float = 0.002
     lr_scalar: float = 0.01  # gains, residual mixes, skip weights (AdamW)
     weight_decay: float = 0.0  # decoupled, on hidden matrices only
     adam_betas: str = "0.8,0.95"  # modded-nanogpt's betas for embeddings and scalars
