@@ -465,9 +465,11 @@ def build_model(cfg: FinetuneConfig, task: str, seed: int):
         encoder.init_weights(seed=seed)
     else:
         encoder, _ = trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)
-    d = encoder.cfg.d_model
-    head = SpanHead(d) if task in SQUAD else ClassificationHead(d, GLUE[task].n_labels, cfg.dropout)
-    return TaskModel(encoder, head)
+    return TaskModel(encoder, make_head(task, encoder.cfg.d_model, cfg.dropout))
+
+
+def make_head(task: str, d_model: int, dropout: float = 0.1):
+    return SpanHead(d_model) if task in SQUAD else ClassificationHead(d_model, GLUE[task].n_labels, dropout)
 
 
 def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
@@ -507,8 +509,7 @@ def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
     task = config.get("task")
     if task not in GLUE and task not in SQUAD:
         raise SystemExit(f"{folder}: config.json names no finetuned task")
-    d = encoder.cfg.d_model
-    head = SpanHead(d) if task in SQUAD else ClassificationHead(d, GLUE[task].n_labels)
+    head = make_head(task, encoder.cfg.d_model)
     head.load_state_dict(config.pop("extra_state"))
     return TaskModel(encoder, head), config
 
@@ -621,15 +622,13 @@ class Runner:
         if self.task in SQUAD:
             preds, diffs = squad_postprocess(items, [o[0] for o in outs], [o[1] for o in outs], self.cfg)
             gold = collections.OrderedDict((r["id"], list(r["answers"]["text"])) for r in rows)
-            if self.task == "squad":  # v1.1: every question has an answer
-                thresholded = preds
-            else:
-                thresholded = {q: ("" if diffs[q] > self.cfg.null_threshold else p) for q, p in preds.items()}
-            scores = squad_v2_scores(gold, thresholded)
             finite = {q: (v if math.isfinite(v) else 1e9) for q, v in diffs.items()}
-            sweep = squad_v2_scores(gold, preds, finite)
-            scores.update({k: sweep[k] for k in ("best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh")})
+            # one scoring pass: the headline at the fixed threshold (none for v1.1, where every
+            # question has an answer) and best_* from the official threshold sweep
+            thresh = math.inf if self.task == "squad" else self.cfg.null_threshold
+            scores = squad_v2_scores(gold, preds, finite, thresh)
             scores["headline_threshold"] = self.cfg.null_threshold
+            thresholded = {q: ("" if finite[q] > thresh else p) for q, p in preds.items()}
             if self.d.master:
                 os.makedirs(out_dir, exist_ok=True)
                 json.dump(thresholded, open(os.path.join(out_dir, f"predictions_{split_name}.json"), "w"))

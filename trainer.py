@@ -303,11 +303,11 @@ def document_lengths(batch: np.ndarray) -> np.ndarray:
     return lengths[ids.flatten()[starts] != PAD_ID].numpy()
 
 
-def attention_pairs(batch: np.ndarray, window: int) -> int:
-    """Number of (query, key) pairs a window-W document mask lets through, summed over the
-    real documents of a batch: a document of length L has L^2 pairs when L <= W, else
-    L(2W - 1) - W(W - 1). Used for the attention term of the FLOP count."""
-    L, W = document_lengths(batch).astype(np.int64), window
+def attention_pairs(lengths: np.ndarray, window: int) -> int:
+    """Number of (query, key) pairs a window-W document mask lets through, summed over
+    documents of these lengths (document_lengths of a batch): a document of length L has L^2
+    pairs when L <= W, else L(2W - 1) - W(W - 1). The attention term of the FLOP count."""
+    L, W = lengths.astype(np.int64), window
     return int(np.where(L <= W, L**2, L * (2 * W - 1) - W * (W - 1)).sum())
 
 
@@ -538,14 +538,20 @@ def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
 # Evaluation: fixed budget, fixed masks, final windows
 
 
-@torch.no_grad()
-def evaluate(forward, files, hp, d: common.Dist, windows) -> dict:
-    t = hp.train
+def validation_batch(files: list[str], hp: Hyperparameters) -> np.ndarray:
+    """The fixed validation set: the first val_tokens of the validation shards, packed (read
+    once per run)."""
     loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False)  # one pass at most
     seqs = []
-    while len(seqs) < max(1, t.val_tokens // hp.data.seq_len) and not loader.exhausted:
+    while len(seqs) < max(1, hp.train.val_tokens // hp.data.seq_len) and not loader.exhausted:
         seqs.append(loader.next_sequence())
-    batch, n_seqs = np.stack(seqs), len(seqs)
+    return np.stack(seqs)
+
+
+@torch.no_grad()
+def evaluate(forward, batch: np.ndarray, hp, d: common.Dist, windows) -> dict:
+    t = hp.train
+    n_seqs = len(batch)
     mask_rate, rnd, keep = t.mask_rate_end, t.random_frac_end, t.keep_frac_end
     totals = torch.zeros(3, device=d.device, dtype=torch.float64)  # loss sum, correct, count
     mb = t.micro_batch_seqs
@@ -595,6 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
         if d.world > 1:
             torch.distributed.barrier()
     train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
+    val_batch = validation_batch(val_files, hp)
     loader = PackedLoader(train_files, dc.seq_len, seed=t.seed)
     unit = d.world * t.micro_batch_seqs
     if (t.batch_tokens // dc.seq_len) % unit:
@@ -637,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
         last = step == t.steps
         if last or (t.val_every and step % t.val_every == 0 and step > start_step):
             model.eval()
-            val = evaluate(forward, val_files, hp, d, model.default_windows(d.device))  # the final windows
+            val = evaluate(forward, val_batch, hp, d, model.default_windows(d.device))  # the final windows
             model.train()
             log(f"step:{step}/{t.steps} val_loss:{val['loss']:.4f} val_acc:{val['acc']:.4f} "
                 f"train_time:{train_time * 1000:.0f}ms tokens_seen:{tokens_seen}")
@@ -698,7 +705,8 @@ def main(argv: list[str] | None = None) -> dict:
         if step % t.log_every == 0 or step == t.steps:
             n_pred_all = int(common.all_reduce_sum(torch.tensor(float(n_pred), device=d.device), d).item())
         if d.master and (step % t.log_every == 0 or step == t.steps):
-            pairs_l, pairs_g = attention_pairs(batch, windows_py[0]), attention_pairs(batch, windows_py[1])
+            lengths = document_lengths(batch)
+            pairs_l, pairs_g = attention_pairs(lengths, windows_py[0]), attention_pairs(lengths, windows_py[1])
             flops = training_flops(hp.model, tokens, n_pred_all, pairs_l, pairs_g)
             mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
             mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"

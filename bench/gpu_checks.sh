@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project, for a short GPU lease. Writes under $OUT (or bench/out/).
 # Needs token shards and MNLI rows in .devdata/ (see README, Performance).
-#   bash bench/gpu_checks.sh                           # tests trainer bench finetune (~9.5 min at most)
+#   bash bench/gpu_checks.sh                           # tests trainer bench finetune (time limits: 9.5 min)
 #   bash bench/gpu_checks.sh stability trainer bench   # any sections, in the order given
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"

@@ -149,12 +149,13 @@ def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, 
     dt, mem = time_steps(step, cfg, device)
     # per-step averages over the two steps' worth of data that the timing rotated through
     n_pred = sum(int((lab >= 0).sum()) for _, lab in masked) / 2
-    flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(data, cfg.window_local) / 2,
-                                   trainer.attention_pairs(data, cfg.window_global) / 2)
+    lengths = trainer.document_lengths(data)
+    flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(lengths, cfg.window_local) / 2,
+                                   trainer.attention_pairs(lengths, cfg.window_global) / 2)
     result = {"model": f"KBERT-{preset}", "params": model.param_counts()["total"], "tokens_per_step": cfg.tokens_per_step,
               "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000, "tokens_per_s": cfg.tokens_per_step / dt,
               "flops_per_step": flops, "mfu": flops / dt / peak, "peak_mem_gib": mem,
-              "mean_doc_len": float(trainer.document_lengths(data).mean())}
+              "mean_doc_len": float(lengths.mean())}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as torch_profile
 

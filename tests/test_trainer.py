@@ -134,7 +134,7 @@ def test_attention_pairs_matches_dense_mask():
         mask = dense_mask(document_ids(ids), torch.tensor(w))
         real = (ids != PAD_ID)
         expected = (mask[:, 0] & real[:, :, None] & real[:, None, :]).sum().item()
-        assert trainer.attention_pairs(ids.numpy(), w) == expected
+        assert trainer.attention_pairs(trainer.document_lengths(ids.numpy()), w) == expected
 
 
 # -- masking ------------------------------------------------------------------------------
