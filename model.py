@@ -58,6 +58,10 @@ class ModelConfig:
     unet_skips: bool = True  # layer i of the second half adds a gated copy of layer n-1-i's input
     value_residual: bool = True  # mix every layer's values with the first layer's (ResFormer)
     dropout: float = 0.0  # on attention/MLP outputs; 0 for pretraining, ~0.1 for finetuning
+    # Under bf16 autocast the residual stream (embedding output, block sums, U-net skips) stays
+    # fp32 by default. False carries it in bf16 as modded-nanogpt does: the norms, mixes and
+    # residual adds, memory-bound kernels, then move half the bytes. No effect without autocast.
+    residual_fp32: bool = True
     head_dim: int = field(init=False, default=0)  # derived: d_model // n_head
 
     def __post_init__(self):
@@ -279,6 +283,9 @@ class KBERT(nn.Module):
         masks = (build(docs, windows[0]), build(docs, windows[1]))  # built once, shared by layers
 
         x = x0 = rms_norm(self.embed(input_ids))
+        device_type = input_ids.device.type
+        if not self.cfg.residual_fp32 and torch.is_autocast_enabled(device_type):
+            x = x0 = x0.to(torch.get_autocast_dtype(device_type))
         v_first, skips = None, []
         n_skip = 0 if self.skip_weights is None else self.skip_weights.numel()
         for i, block in enumerate(self.blocks):

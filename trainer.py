@@ -72,6 +72,9 @@ class TrainConfig:
     export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
     hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
     compile: bool = True  # torch.compile on CUDA (never on CPU)
+    # "bf16": bf16 autocast over fp32 weights; "fp32": no autocast (a numerics reference, e.g. to
+    # tell a precision problem from an optimisation one); auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"
     device: str = "auto"  # auto: cuda if available
     log_every: int = 1
 
@@ -134,6 +137,8 @@ def check(hp: Hyperparameters):
         raise SystemExit(f"--data.seq_len {d.seq_len} must be a multiple of 128")
     if t.batch_tokens % d.seq_len:
         raise SystemExit(f"--train.batch_tokens {t.batch_tokens} must be a multiple of --data.seq_len {d.seq_len}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--train.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if d.source not in ("files", "pydoc"):
         raise SystemExit(f"--data.source must be 'files' or 'pydoc', got {d.source!r}")
     for name in ("local_window_start", "local_window_end", "global_window_start", "global_window_end"):
@@ -385,13 +390,14 @@ def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_loca
     return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
 
 
-def make_forward(model: KBERT, compile: bool):
-    """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted), bf16
-    autocast on CUDA. With compile, the encoder is compiled with static shapes (windows are
-    tensor inputs, so growing them never recompiles) and the MLM head with a dynamic number
-    of predicted tokens."""
-    cuda = next(model.parameters()).is_cuda
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+def make_forward(model: KBERT, compile: bool, bf16: bool | None = None):
+    """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted) under bf16
+    autocast when bf16 (None: on CUDA). With compile, the encoder is compiled with static shapes
+    (windows are tensor inputs, so growing them never recompiles) and the MLM head with a
+    dynamic number of predicted tokens."""
+    device_type = next(model.parameters()).device.type
+    bf16 = device_type == "cuda" if bf16 is None else bf16
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     encoder = model
     if compile:
         encoder = torch.compile(model, dynamic=False, fullgraph=True)
@@ -618,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{counts['non_embedding']:,} non-embedding)")
     opt = build_optimizer(model, t)
     cuda = d.device.type == "cuda"
-    forward = make_forward(model, compile=cuda and t.compile)
+    forward = make_forward(model, compile=cuda and t.compile, bf16={"auto": cuda, "bf16": True, "fp32": False}[t.precision])
 
     step, tokens_seen = 0, 0
     if resume_state is not None:

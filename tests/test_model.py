@@ -66,6 +66,32 @@ def test_gradients_match_float64_reference():
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_bf16_residual_stream_only_under_autocast():
+    """residual_fp32=False carries the block inputs/outputs in bf16 under autocast, stays close
+    to the fp32 residual stream, and changes nothing without autocast."""
+    ids = packed_batch(T=256)
+    dtypes = []
+    out = {}
+    for fp32 in (True, False):
+        m = random_model(local_window=64, residual_fp32=fp32)
+        m.attn_backend = "sdpa"
+        hooks = [b.register_forward_hook(lambda mod, inp, o: dtypes.append((fp32, o[0].dtype))) for b in m.blocks]
+        out[fp32, "none"] = m(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[fp32, "bf16"] = m(ids).float()
+        for h in hooks:
+            h.remove()
+    n = len(dtypes) // 4  # blocks per forward
+    assert {d for _, d in dtypes[n:2 * n]} == {torch.float32}  # fp32 residual under autocast
+    assert {d for _, d in dtypes[3 * n:]} == {torch.bfloat16}  # bf16 residual under autocast
+    assert torch.equal(out[True, "none"], out[False, "none"])
+    err = (out[False, "bf16"] - out[True, "bf16"]).abs().max().item()
+    base = (out[True, "bf16"] - out[True, "none"]).abs().max().item()
+    print(f"bf16 vs fp32 residual under autocast: max abs diff {err:.3f} (autocast vs fp32: {base:.3f}; outputs have RMS 1)")
+    assert err < 0.1
+
+
 def test_masks_never_cross_documents_or_windows():
     m = random_model(n_layer=1, local_window=16, global_window=16)  # 1 layer: receptive field = window
     ids = packed_batch(B=1, T=256)

@@ -1,5 +1,6 @@
 """Pretraining pipeline: shards, packing loader, masking, 1 vs 2 processes, resume,
 export/load, bad inputs."""
+import math
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import trainer
+from bench import log_summary
 from data.shards import ShardError, open_shard, read_header, write_shard
 from model import CLS_ID, MASK_ID, PAD_ID, SEP_ID, KBERT, ModelConfig, document_ids
 
@@ -255,6 +257,10 @@ def test_nonfinite_gradient_with_finite_loss_stops_and_names_the_tensor(shards, 
     assert "step:5 loss is " in text and "gradients non-finite on 1 of 1 ranks" in text
     assert "non-finite gradients (rank-local): blocks.1.mlp.fc.weight\n" in text
     assert "step:4/" in text and "gnorm:" in text
+    # the log summary GPU runs are reported with reads the same log
+    summary = log_summary.summarize(str(shards / "logs" / "inf.txt"), skip=1)
+    assert summary["steps"] == 4 and summary["timed_steps"] == "2-4" and summary["median_tokens_per_s"] > 0
+    assert summary["median_mfu_pct"] is None and "step:5 loss is" in summary["stopped"]
 
 
 def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
@@ -309,6 +315,19 @@ def test_push_to_hub_retries_and_keeps_local_copy(tmp_path, monkeypatch):
     assert not any("hf_secret_token_value" in line for line in lines)
 
 
+def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
+    """--train.precision bf16 (autocast over fp32 weights), with the residual stream in fp32 or
+    bf16, trains on CPU and starts where the fp32 run starts."""
+    monkeypatch.chdir(shards)
+    args = base_args(shards, "p", steps=2) + ["--train.val_every", "0", "--train.save_every", "0"]
+    runs = {name: losses(trainer.main(args + extra)["history"]) for name, extra in (
+        ("fp32", []), ("bf16", ["--train.precision", "bf16"]),
+        ("bf16 residual", ["--train.precision", "bf16", "--model.residual_fp32", "false"]))}
+    print({k: [f"{x:.4f}" for x in v] for k, v in runs.items()})
+    for name in ("bf16", "bf16 residual"):
+        assert abs(runs[name][0] - runs["fp32"][0]) < 0.05 and all(map(math.isfinite, runs[name]))
+
+
 def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     monkeypatch.chdir(shards)
     with pytest.raises(SystemExit, match="download_fineweb_edu"):
@@ -321,6 +340,8 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
         trainer.parse_args(["--train.steps", "ten"])
     with pytest.raises(SystemExit, match="multiple of 128"):
         trainer.parse_args(["--data.seq_len", "100"])
+    with pytest.raises(SystemExit, match="precision must be auto, bf16 or fp32"):
+        trainer.parse_args(["--train.precision", "fp16"])
     with pytest.raises(SystemExit, match="unknown model preset"):
         trainer.parse_args(["--model.preset", "giant"])
     assert trainer.parse_args(["--train.compile", "False"]).train.compile is False
