@@ -40,6 +40,8 @@ from model import CLS_ID, KBERT, ModelConfig
 @dataclasses.dataclass
 class BenchConfig:
     presets: str = "base"  # KBERT presets to time, comma-separated
+    variants: str = ""  # KBERT model-config variants timed besides each preset's default, ";"-separated,
+    # each a comma-separated key=value list of ModelConfig fields, e.g. "residual_fp32=false"
     baselines: str = "modernbert,bert"  # "none" to skip; needs transformers
     tokens_per_step: int = 131072  # real tokens per optimizer step, the same for every model
     kbert_seq_len: int = 8192  # KBERT packs documents into rows of this length
@@ -123,11 +125,18 @@ def kbert_batches(cfg: BenchConfig, n_rows: int, seed: int = 0) -> np.ndarray:
     return rows
 
 
-def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, profile: bool = False) -> dict:
+def parse_variant(variant: str) -> dict:
+    """"residual_fp32=false,softcap=0" -> ModelConfig overrides (typed; unknown keys rejected)."""
+    argv = [f"--model.{kv.strip()}" for kv in variant.split(",") if kv.strip()]
+    return common.parse_overrides(argv, {"model": ModelConfig})[0]["model"]
+
+
+def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, profile: bool = False,
+                variant: str = "") -> dict:
     T = cfg.kbert_seq_len
     rows_per_step = cfg.tokens_per_step // T
     accum = rows_per_step // micro
-    model = KBERT(ModelConfig(preset=preset)).to(device)
+    model = KBERT(ModelConfig(preset=preset, **parse_variant(variant))).to(device)
     t = trainer.TrainConfig()
     opt = trainer.build_optimizer(model, t)
     forward = trainer.make_forward(model, compile=cfg.compile and device.type == "cuda")
@@ -152,10 +161,10 @@ def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, 
     lengths = trainer.document_lengths(data)
     flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(lengths, cfg.window_local) / 2,
                                    trainer.attention_pairs(lengths, cfg.window_global) / 2)
-    result = {"model": f"KBERT-{preset}", "params": model.param_counts()["total"], "tokens_per_step": cfg.tokens_per_step,
-              "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000, "tokens_per_s": cfg.tokens_per_step / dt,
-              "flops_per_step": flops, "mfu": flops / dt / peak, "peak_mem_gib": mem,
-              "mean_doc_len": float(lengths.mean())}
+    result = {"model": f"KBERT-{preset}" + (f" [{variant}]" if variant else ""), "params": model.param_counts()["total"],
+              "tokens_per_step": cfg.tokens_per_step, "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000,
+              "tokens_per_s": cfg.tokens_per_step / dt, "flops_per_step": flops, "mfu": flops / dt / peak,
+              "peak_mem_gib": mem, "mean_doc_len": float(lengths.mean())}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -272,17 +281,17 @@ def summarize(sweeps: dict) -> list[dict]:
     return results
 
 
-def attempt(fn, *args):
-    """fn(name_or_preset, micro, ...) or an error row naming the model and micro-batch."""
+def attempt(name: str, fn, *args):
+    """fn(preset_or_baseline, micro, ...) or an error row naming the model and micro-batch."""
     try:
         return fn(*args)
     except torch.cuda.OutOfMemoryError:
-        return {"model": args[0], "error": "out of memory", "micro_batch": args[1]}
-    except Exception as e:  # a baseline that does not run here must not lose the other rows
+        return {"model": name, "error": "out of memory", "micro_batch": args[1]}
+    except Exception as e:  # a baseline or variant that does not run here must not lose the other rows
         import traceback
 
         traceback.print_exc()
-        return {"model": args[0], "error": f"{type(e).__name__}: {str(e)[:300]}", "micro_batch": args[1]}
+        return {"model": name, "error": f"{type(e).__name__}: {str(e)[:300]}", "micro_batch": args[1]}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -294,16 +303,23 @@ def main(argv=None):
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
     if cfg.tokens_per_step % cfg.kbert_seq_len:
         raise SystemExit("--bench.tokens_per_step must be a multiple of --bench.kbert_seq_len")
+    variants = [""] + [v.strip() for v in cfg.variants.split(";") if v.strip()]
+    for v in variants:
+        parse_variant(v)  # a typo fails here, before any GPU time is spent
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, measured matmul peak {peak / 1e12:.1f} TFLOP/s")
     # one entry per (model, micro-batch); every model's first size runs, the rest of the sweep
     # only while the time budget lasts (compiles dominate on a short GPU lease)
     jobs = []
+    kbert_micros = [int(m) for m in cfg.kbert_micro.split(",") if (cfg.tokens_per_step // cfg.kbert_seq_len) % int(m) == 0]
+    variant_jobs = []  # timed after the baselines: a killed run still has the ratio to ModernBERT
     for preset in cfg.presets.split(","):
-        micros = [int(m) for m in cfg.kbert_micro.split(",") if (cfg.tokens_per_step // cfg.kbert_seq_len) % int(m) == 0]
-        jobs.append((f"KBERT-{preset}", [(bench_kbert, preset, m, cfg, device, peak, cfg.profile and not jobs and k == 0)
-                                          for k, m in enumerate(micros)]))
+        for v in variants:
+            label = f"KBERT-{preset}" + (f" [{v}]" if v else "")
+            (variant_jobs if v else jobs).append((label, [
+                (label, bench_kbert, preset, m, cfg, device, peak, cfg.profile and not jobs and not v and k == 0, v)
+                for k, m in enumerate(kbert_micros)]))
     if cfg.baselines != "none":
         try:
             import transformers  # noqa: F401
@@ -312,7 +328,8 @@ def main(argv=None):
         for base in cfg.baselines.split(","):
             seq = getattr(cfg, f"{base}_seq_len")
             micros = [int(m) for m in getattr(cfg, f"{base}_micro").split(",") if cfg.tokens_per_step % (int(m) * seq) == 0]
-            jobs.append((base, [(bench_hf, base, m, seq, cfg, device, peak) for m in micros]))
+            jobs.append((base, [(base, bench_hf, base, m, seq, cfg, device, peak) for m in micros]))
+    jobs += variant_jobs
     t_start = time.perf_counter()
     sweeps = {name: [] for name, _ in jobs}
     report = {"device": name, "torch": torch.__version__, "matmul_peak_flops": peak, "config": dataclasses.asdict(cfg),
@@ -322,7 +339,7 @@ def main(argv=None):
         for job_name, job_list in jobs:
             if rnd < len(job_list):
                 if rnd > 0 and cfg.time_budget_s and time.perf_counter() - t_start > cfg.time_budget_s:
-                    print(f"time budget spent: skipping {job_name} micro-batch {job_list[rnd][2]}")
+                    print(f"time budget spent: skipping {job_name} micro-batch {job_list[rnd][3]}")
                     continue
                 sweeps[job_name].append(attempt(*job_list[rnd]))
                 print(json.dumps({k: v for k, v in sweeps[job_name][-1].items() if k != "profile"}, default=str), flush=True)
@@ -334,12 +351,12 @@ def main(argv=None):
         for r in runs:
             if "profile" in r:
                 print(f"profile of {r['model']} (micro-batch {r['micro_batch']}), 3 steps:\n{r.pop('profile')}")
-    print(f"\n{'model':24} {'params':>8} {'tok/step':>9} {'micro':>6} {'tokens/s':>10} {'ms/step':>8} {'MFU':>6} {'mem GiB':>8} {'vs MB':>6}")
+    print(f"\n{'model':36} {'params':>8} {'tok/step':>9} {'micro':>6} {'tokens/s':>10} {'ms/step':>8} {'MFU':>6} {'mem GiB':>8} {'vs MB':>6}")
     for r in results:
         if "error" in r:
-            print(f"{r.get('model', '?'):24} error: {r['error']}")
+            print(f"{r.get('model', '?'):36} error: {r['error']}")
             continue
-        print(f"{r['model']:24} {r['params'] / 1e6:7.1f}M {r['tokens_per_step']:9d} {r['micro_batch']:6d} "
+        print(f"{r['model']:36} {r['params'] / 1e6:7.1f}M {r['tokens_per_step']:9d} {r['micro_batch']:6d} "
               f"{r['tokens_per_s']:10.0f} {r['ms_per_step']:8.1f} {100 * r['mfu']:5.1f}% {r['peak_mem_gib']:8.1f} "
               f"{r.get('vs_modernbert', float('nan')):6.2f}")
     print(f"(written to {cfg.out})")
