@@ -271,7 +271,8 @@ class FinetuneConfig:
     hf_repo: str = ""  # push the finetuned model (with its metrics card) to this Hub repo
     run_id: str = ""
     compile: bool = False  # CUDA only. Off by default: on torch 2.11 inductor failed to build the fused BlockMask +
-    # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct
+    # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct.
+    # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
     device: str = "auto"
     log_every: int = 20
 

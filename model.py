@@ -133,14 +133,26 @@ def block_mask(docs: torch.Tensor, window: torch.Tensor) -> BlockMask:
     full = same_doc & far
     partial = any_ & ~full
 
-    def to_indices(m):  # (B, nq, nkv) bool -> counts (B, 1, nq), indices (B, 1, nq, nkv)
-        counts = m.sum(-1, dtype=torch.int32)
-        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[:, None], idx[:, None]
+    pn, pi = block_lists(partial)
+    fn, fi = block_lists(full)
+    # The mask is symmetric in q and kv, so the q-major lists that the backward pass reads are
+    # the kv-major ones: passing them skips BlockMask.from_kv_blocks' transpose (an argsort).
+    return BlockMask(seq_lengths=(T, T), kv_num_blocks=pn, kv_indices=pi, full_kv_num_blocks=fn, full_kv_indices=fi,
+                     q_num_blocks=pn, q_indices=pi, full_q_num_blocks=fn, full_q_indices=fi,
+                     BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=make_mask_mod(docs, window))
 
-    pn, pi = to_indices(partial)
-    fn, fi = to_indices(full)
-    return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=BLOCK, mask_mod=make_mask_mod(docs, window))
+
+def block_lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, nq, nkv) bool -> counts (B, 1, nq) and indices (B, 1, nq, nkv): each row's True
+    columns first, ascending, then the others (a stable descending argsort of m). Built from
+    cumulative sums and one scatter, without a sort: inductor's sort lowering is fragile
+    (torch 2.13 stopped compiling the argsort in its own block-mask code)."""
+    m32 = m.to(torch.int32)
+    counts = m32.sum(-1, dtype=torch.int32)
+    slot = torch.where(m, m32.cumsum(-1) - 1, counts[..., None] + (1 - m32).cumsum(-1) - 1)  # int64
+    cols = torch.arange(m.size(-1), device=m.device, dtype=torch.int32).expand_as(m32)
+    idx = torch.empty_like(m32).scatter_(-1, slot, cols)
+    return counts[:, None], idx[:, None]
 
 
 # ----------------------------------------------------------------------------------------

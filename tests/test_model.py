@@ -3,7 +3,9 @@ document/window isolation, heads, parameter counts."""
 import pytest
 import torch
 
-from model import CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, document_ids
+from torch.nn.attention.flex_attention import BlockMask
+
+from model import CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, block_lists, block_mask, document_ids
 
 
 def random_model(seed=0, **overrides):
@@ -31,6 +33,27 @@ def packed_batch(B=2, T=512, seed=0):
 def test_document_ids_padding_is_its_own_document():
     ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, PAD_ID, PAD_ID]])
     assert document_ids(ids).tolist() == [[1, 1, 1, 2, 2, 3, 3]]
+
+
+def test_block_mask_equals_torch_construction():
+    """The sort-free block lists equal a stable descending argsort, and the BlockMask with the
+    q-major lists taken from the kv-major ones equals BlockMask.from_kv_blocks' transpose."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(3, 9, 9, generator=g) < 0.4
+    counts, idx = block_lists(m)
+    assert torch.equal(counts[:, 0], m.sum(-1).int())
+    assert torch.equal(idx[:, 0].long(), torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True))
+    kinds = torch.zeros(2, dtype=torch.int64)  # partial and full blocks seen
+    for T, window in ((512, 64), (1024, 128), (1024, 300), (2048, 2048)):
+        ids = packed_batch(B=3, T=T, seed=T + window)
+        docs = document_ids(ids)
+        ours = block_mask(docs, torch.tensor(window))
+        ref = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks, ours.full_kv_indices,
+                                       BLOCK_SIZE=128, mask_mod=ours.mask_mod)
+        kinds += torch.stack([ours.kv_num_blocks.sum(), ours.full_kv_num_blocks.sum()])
+        for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(ours, name), getattr(ref, name)), (T, window, name)
+    assert (kinds > 0).all()
 
 
 @torch.no_grad()
