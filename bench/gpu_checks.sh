@@ -32,15 +32,17 @@ stability)
   # steps. Same settings in bf16 autocast and in fp32: a NaN only in bf16 points at precision
   echo "== stability: --train.lr_embed 0.01, 3 warm-up steps, 20 steps, bf16 vs fp32"
   base_run stab-embed01-bf16 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01
-  base_run stab-embed01-fp32 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01 --train.precision fp32 ;;
+  base_run stab-embed01-fp32 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01 --train.precision fp32 \
+    --train.micro_batch_seqs 4 ;;  # fp32 activations: half the micro-batch, same 65,536-token step
 bench)
   echo "== throughput benchmark vs ModernBERT-base and BERT-base"
   timeout 210 python3 -m bench.throughput --bench.out "$OUT/bench.json" --bench.profile true --bench.time_budget_s 100 \
     --bench.baseline_compile false --bench.variants residual_fp32=false --bench.shards '.devdata/prose_train_*.bin' > "$OUT/bench.txt" 2>&1
   tail -9 "$OUT/bench.txt" ;;
 finetune)
-  # examples/s with the eager FlexAttention default, then whether --train.compile true now builds
-  # (torch 2.11 failed with Triton "XBLOCK is not defined" before the block lists stopped sorting)
+  # examples/s with the eager FlexAttention default, then whether --train.compile true builds: on
+  # torch 2.11 it failed with Triton "XBLOCK is not defined"; the block lists have since stopped
+  # sorting, which may or may not have been the cause
   echo "== finetuner.py, MNLI, KBERT-base (random init), 1,024 examples, eager then compiled"
   for compile in false true; do
     timeout 90 python3 finetuner.py --task mnli --train.preset base --train.train_file .devdata/mnli.jsonl \

@@ -89,7 +89,6 @@ def test_gradients_match_float64_reference():
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_bf16_residual_stream_only_under_autocast():
     """residual_fp32=False carries the block inputs/outputs in bf16 under autocast, stays close
     to the fp32 residual stream, and changes nothing without autocast."""
@@ -115,6 +114,7 @@ def test_bf16_residual_stream_only_under_autocast():
     assert err < 0.1
 
 
+@torch.no_grad()
 def test_masks_never_cross_documents_or_windows():
     m = random_model(n_layer=1, local_window=16, global_window=16)  # 1 layer: receptive field = window
     ids = packed_batch(B=1, T=256)
