@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project, for a short GPU lease. Writes under $OUT (or bench/out/).
 # Needs token shards and MNLI rows in .devdata/ (see README, Performance).
-#   bash bench/gpu_checks.sh                           # trainer bench stability (time limits: 520 s)
+#   bash bench/gpu_checks.sh                           # trainer bench stability (time limits: 560 s)
 #   bash bench/gpu_checks.sh tests finetune            # any sections, in the order given
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -32,7 +32,7 @@ stability)
   # steps. Same settings in bf16 autocast and in fp32: a NaN only in bf16 points at precision
   echo "== stability: --train.lr_embed 0.01, 3 warm-up steps, 20 steps, bf16 vs fp32"
   base_run stab-embed01-bf16 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01
-  base_run stab-embed01-fp32 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01 --train.precision fp32 \
+  base_run stab-embed01-fp32 20 120 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01 --train.precision fp32 \
     --train.micro_batch_seqs 4 ;;  # fp32 activations: half the micro-batch, same 65,536-token step
 bench)
   echo "== throughput benchmark vs ModernBERT-base and BERT-base"
