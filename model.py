@@ -295,9 +295,8 @@ class KBERT(nn.Module):
         masks = (build(docs, windows[0]), build(docs, windows[1]))  # built once, shared by layers
 
         x = x0 = rms_norm(self.embed(input_ids))
-        device_type = input_ids.device.type
-        if not self.cfg.residual_fp32 and torch.is_autocast_enabled(device_type):
-            x = x0 = x0.to(torch.get_autocast_dtype(device_type))
+        if not self.cfg.residual_fp32 and torch.is_autocast_enabled(input_ids.device.type):
+            x = x0 = x0.to(torch.get_autocast_dtype(input_ids.device.type))
         v_first, skips = None, []
         n_skip = 0 if self.skip_weights is None else self.skip_weights.numel()
         for i, block in enumerate(self.blocks):

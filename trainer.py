@@ -390,13 +390,13 @@ def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_loca
     return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
 
 
-def make_forward(model: KBERT, compile: bool, bf16: bool | None = None):
-    """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted) under bf16
-    autocast when bf16 (None: on CUDA). With compile, the encoder is compiled with static shapes
-    (windows are tensor inputs, so growing them never recompiles) and the MLM head with a
-    dynamic number of predicted tokens."""
+def make_forward(model: KBERT, compile: bool, precision: str = "auto"):
+    """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted), under bf16
+    autocast for precision "bf16" or "auto" on CUDA (TrainConfig.precision). With compile, the
+    encoder is compiled with static shapes (windows are tensor inputs, so growing them never
+    recompiles) and the MLM head with a dynamic number of predicted tokens."""
     device_type = next(model.parameters()).device.type
-    bf16 = device_type == "cuda" if bf16 is None else bf16
+    bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     encoder = model
     if compile:
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{counts['non_embedding']:,} non-embedding)")
     opt = build_optimizer(model, t)
     cuda = d.device.type == "cuda"
-    forward = make_forward(model, compile=cuda and t.compile, bf16={"auto": cuda, "bf16": True, "fp32": False}[t.precision])
+    forward = make_forward(model, compile=cuda and t.compile, precision=t.precision)
 
     step, tokens_seen = 0, 0
     if resume_state is not None:
@@ -690,8 +690,12 @@ def main(argv: list[str] | None = None) -> dict:
         # this rank's gradient norm (the whole batch's on 1 process); NaN/inf flags a bad step
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         opt.step()
-        stats = common.all_reduce_sum(torch.stack([loss_sum / accum, (~grad_norm.isfinite()).float()]), d)
-        loss_value, bad_grad_ranks = (stats[0] / d.world).item(), int(stats[1].item())  # syncs
+        # one collective per step: the loss, how many ranks saw a non-finite gradient, predicted tokens
+        stats = common.all_reduce_sum(torch.stack([loss_sum / accum, (~grad_norm.isfinite()).float(),
+                                                   torch.tensor(float(n_pred), device=d.device)]), d)
+        stats[0] /= d.world
+        loss_value, bad_grad_ranks, n_pred_all = stats.tolist()  # syncs
+        bad_grad_ranks, n_pred_all = int(bad_grad_ranks), int(n_pred_all)
         grad_norm_value = grad_norm.item()
         dt = time.perf_counter() - t0
         step += 1
@@ -708,8 +712,6 @@ def main(argv: list[str] | None = None) -> dict:
         if step > 1 or not (cuda and t.compile):
             train_time += dt
         history.append({"step": step, "loss": loss_value})
-        if step % t.log_every == 0 or step == t.steps:
-            n_pred_all = int(common.all_reduce_sum(torch.tensor(float(n_pred), device=d.device), d).item())
         if d.master and (step % t.log_every == 0 or step == t.steps):
             lengths = document_lengths(batch)
             pairs_l, pairs_g = attention_pairs(lengths, windows_py[0]), attention_pairs(lengths, windows_py[1])

@@ -131,12 +131,12 @@ def parse_variant(variant: str) -> dict:
     return common.parse_overrides(argv, {"model": ModelConfig})[0]["model"]
 
 
-def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, profile: bool = False,
-                variant: str = "") -> dict:
+def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, model_cfg: ModelConfig,
+                profile: bool = False) -> dict:
     T = cfg.kbert_seq_len
     rows_per_step = cfg.tokens_per_step // T
     accum = rows_per_step // micro
-    model = KBERT(ModelConfig(preset=preset, **parse_variant(variant))).to(device)
+    model = KBERT(model_cfg).to(device)
     t = trainer.TrainConfig()
     opt = trainer.build_optimizer(model, t)
     forward = trainer.make_forward(model, compile=cfg.compile and device.type == "cuda")
@@ -161,7 +161,7 @@ def bench_kbert(preset: str, micro: int, cfg: BenchConfig, device, peak: float, 
     lengths = trainer.document_lengths(data)
     flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(lengths, cfg.window_local) / 2,
                                    trainer.attention_pairs(lengths, cfg.window_global) / 2)
-    result = {"model": f"KBERT-{preset}" + (f" [{variant}]" if variant else ""), "params": model.param_counts()["total"],
+    result = {"model": label, "params": model.param_counts()["total"],
               "tokens_per_step": cfg.tokens_per_step, "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000,
               "tokens_per_s": cfg.tokens_per_step / dt, "flops_per_step": flops, "mfu": flops / dt / peak,
               "peak_mem_gib": mem, "mean_doc_len": float(lengths.mean())}
@@ -282,7 +282,7 @@ def summarize(sweeps: dict) -> list[dict]:
 
 
 def attempt(name: str, fn, *args):
-    """fn(preset_or_baseline, micro, ...) or an error row naming the model and micro-batch."""
+    """fn(label_or_baseline, micro, ...) or an error row naming the model and micro-batch."""
     try:
         return fn(*args)
     except torch.cuda.OutOfMemoryError:
@@ -303,9 +303,8 @@ def main(argv=None):
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
     if cfg.tokens_per_step % cfg.kbert_seq_len:
         raise SystemExit("--bench.tokens_per_step must be a multiple of --bench.kbert_seq_len")
-    variants = [""] + [v.strip() for v in cfg.variants.split(";") if v.strip()]
-    for v in variants:
-        parse_variant(v)  # a typo fails here, before any GPU time is spent
+    # "" is each preset's default; a typo in a variant fails here, before any GPU time is spent
+    variants = {v: parse_variant(v) for v in [""] + [v.strip() for v in cfg.variants.split(";") if v.strip()]}
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, measured matmul peak {peak / 1e12:.1f} TFLOP/s")
@@ -315,10 +314,15 @@ def main(argv=None):
     kbert_micros = [int(m) for m in cfg.kbert_micro.split(",") if (cfg.tokens_per_step // cfg.kbert_seq_len) % int(m) == 0]
     variant_jobs = []  # timed after the baselines: a killed run still has the ratio to ModernBERT
     for preset in cfg.presets.split(","):
-        for v in variants:
+        for v, overrides in variants.items():
             label = f"KBERT-{preset}" + (f" [{v}]" if v else "")
+            try:
+                model_cfg = ModelConfig(preset=preset, **overrides)
+            except ValueError as e:
+                raise SystemExit(f"--bench.presets / --bench.variants, {label}: {e}") from None
+            profile = cfg.profile and not jobs and not v  # the first preset's default, first micro-batch
             (variant_jobs if v else jobs).append((label, [
-                (label, bench_kbert, preset, m, cfg, device, peak, cfg.profile and not jobs and not v and k == 0, v)
+                (label, bench_kbert, label, m, cfg, device, peak, model_cfg, profile and k == 0)
                 for k, m in enumerate(kbert_micros)]))
     if cfg.baselines != "none":
         try:

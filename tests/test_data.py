@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from data.shards import open_shard
 
@@ -85,8 +86,6 @@ def test_download_scripts_with_a_fake_hub(tmp_path, monkeypatch):
     assert calls == ["finewebedu_val_000000.bin", "finewebedu_train_000001.bin"]
     download_fineweb_edu.main(["1", "--out", str(out)])  # complete shards are skipped
     assert len(calls) == 2
-    import pytest
-
     with pytest.raises(SystemExit, match="download of finewebedu_train_000002.bin is broken"):
         download_fineweb_edu.main(["2", "--out", str(out)])
 

@@ -326,6 +326,7 @@ def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
     print({k: [f"{x:.4f}" for x in v] for k, v in runs.items()})
     for name in ("bf16", "bf16 residual"):
         assert abs(runs[name][0] - runs["fp32"][0]) < 0.05 and all(map(math.isfinite, runs[name]))
+    assert runs["bf16"] != runs["fp32"] and runs["bf16 residual"] != runs["bf16"]  # each option took effect
 
 
 def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
