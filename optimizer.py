@@ -40,12 +40,13 @@ def orthogonalize(G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
     return X.mT if transpose else X
 
 
-def muon_update(grad, momentum_buf, beta: float, nesterov: bool = True) -> torch.Tensor:
-    """Momentum (in place on momentum_buf), Nesterov look-ahead, orthogonalisation and
-    the shape-aware scale sqrt(max(1, m/n)) of Keller Jordan's Muon (kellerjordan.github.io/posts/muon)."""
+def muon_update(grad, momentum_buf, beta: float, nesterov: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Momentum (in place on momentum_buf), Nesterov look-ahead, orthogonalisation (in `dtype`,
+    see orthogonalize) and the shape-aware scale sqrt(max(1, m/n)) of Keller Jordan's Muon
+    (kellerjordan.github.io/posts/muon)."""
     momentum_buf.lerp_(grad, 1 - beta)
     update = grad.lerp(momentum_buf, beta) if nesterov else momentum_buf
-    O = orthogonalize(update)
+    O = orthogonalize(update, dtype)
     return O.to(grad.dtype) * max(1.0, grad.size(-2) / grad.size(-1)) ** 0.5
 
 
@@ -64,12 +65,15 @@ class MuonAdamW(torch.optim.Optimizer):
     """param_groups each carry `kind`: "muon" (2-D hidden matrices) or "adamw".
     muon keys:  lr, momentum, nesterov, weight_decay
     adamw keys: lr, betas, eps, weight_decay
-    Every parameter of `params_expected` (if given) must be in exactly one group."""
+    Every parameter of `params_expected` (if given) must be in exactly one group.
+    ortho_dtype: dtype of Muon's orthogonalisation; None: bf16 on CUDA, fp32 elsewhere."""
 
     MUON_DEFAULTS = dict(momentum=0.95, nesterov=True, weight_decay=0.0)
     ADAMW_DEFAULTS = dict(betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
 
-    def __init__(self, param_groups: list[dict], params_expected=None, process_group=None):
+    def __init__(self, param_groups: list[dict], params_expected=None, process_group=None,
+                 ortho_dtype: torch.dtype | None = None):
+        self.ortho_dtype = ortho_dtype
         groups = []
         for g in param_groups:
             g = dict(g)
@@ -162,7 +166,7 @@ class MuonAdamW(torch.optim.Optimizer):
             new = torch.zeros_like(mine)
             if own:
                 k = len(own)
-                update = muon_update(mine[:k], b["momentum"][:k], g["momentum"], g["nesterov"])
+                update = muon_update(mine[:k], b["momentum"][:k], g["momentum"], g["nesterov"], self.ortho_dtype)
                 weights = torch.stack(own)
                 weights.mul_(1 - g["lr"] * g["weight_decay"]).sub_(update, alpha=g["lr"])
                 new[:k] = weights

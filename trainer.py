@@ -72,8 +72,9 @@ class TrainConfig:
     export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
     hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
     compile: bool = True  # torch.compile on CUDA (never on CPU)
-    # "bf16": bf16 autocast over fp32 weights; "fp32": no autocast (a numerics reference, e.g. to
-    # tell a precision problem from an optimisation one); auto: bf16 on CUDA, fp32 on CPU
+    # "bf16": bf16 autocast over fp32 weights and Muon's orthogonalisation in bf16; "fp32": neither
+    # (a numerics reference, e.g. to tell a precision problem from an optimisation one);
+    # auto: bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
     device: str = "auto"  # auto: cuda if available
     log_every: int = 1
@@ -375,7 +376,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | N
         all_params += list(params)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return MuonAdamW([g for g in groups if g["params"]], params_expected=all_params)
+    ortho_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(t.precision)  # auto: by device
+    return MuonAdamW([g for g in groups if g["params"]], params_expected=all_params, ortho_dtype=ortho_dtype)
 
 
 def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_local: int, pairs_global: int) -> float:

@@ -29,7 +29,7 @@ trainer)
   base_run gpu-base 100 150 --train.warmup_frac 0.1 ;;
 stability)
   # session 1's H200 run went NaN at step 7 with lr_embed 0.01 (then the default) and 3 warm-up
-  # steps. Same settings in bf16 autocast and in fp32: a NaN only in bf16 points at precision
+  # steps. Same settings in bf16 (autocast, Muon's orthogonalisation) and all-fp32: a NaN only in bf16 points at precision
   echo "== stability: --train.lr_embed 0.01, 3 warm-up steps, 20 steps, bf16 vs fp32"
   base_run stab-embed01-bf16 20 80 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01
   base_run stab-embed01-fp32 20 120 --train.warmup_frac 0.15 --train.cooldown_frac 0 --train.lr_embed 0.01 --train.precision fp32 \

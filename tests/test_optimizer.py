@@ -56,17 +56,18 @@ def make_grads(step, rank=None, world=1, seed=1):
     return parts[rank]
 
 
-def build(params, lr=0.02):
+def build(params, lr=0.02, ortho_dtype=None):
     return MuonAdamW([
         dict(kind="muon", params=params[:4], lr=lr, momentum=0.9, weight_decay=0.1),
         dict(kind="adamw", params=params[4:], lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.01),
-    ], params_expected=params)
+    ], params_expected=params, ortho_dtype=ortho_dtype)
 
 
-def test_one_step_matches_plain_reference():
+@pytest.mark.parametrize("ortho_dtype", [None, torch.bfloat16])  # None: fp32 on CPU
+def test_one_step_matches_plain_reference(ortho_dtype):
     params = make_params()
     ref = [p.detach().clone() for p in params]
-    opt = build(params)
+    opt = build(params, ortho_dtype=ortho_dtype)
     torch_adam = torch.optim.AdamW([torch.nn.Parameter(r) for r in ref[4:]], lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.01)
     bufs = [torch.zeros_like(r) for r in ref[:4]]
     for step in range(3):
@@ -74,12 +75,13 @@ def test_one_step_matches_plain_reference():
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        # plain Muon, one matrix at a time
+        # plain Muon, one matrix at a time (momentum 0.9 with Nesterov look-ahead, written as lerps
+        # like the optimizer so bf16 orthogonalisation sees the same input bits)
         for i in range(4):
-            bufs[i] = 0.9 * bufs[i] + 0.1 * grads[i]
-            nesterov = 0.1 * grads[i] + 0.9 * bufs[i]
+            bufs[i] = bufs[i].lerp(grads[i], 0.1)  # 0.9 buf + 0.1 grad
+            nesterov = grads[i].lerp(bufs[i], 0.9)  # 0.1 grad + 0.9 buf
             scale = max(1.0, ref[i].shape[0] / ref[i].shape[1]) ** 0.5
-            ref[i] = ref[i] * (1 - 0.02 * 0.1) - 0.02 * scale * orthogonalize(nesterov)
+            ref[i] = ref[i] * (1 - 0.02 * 0.1) - 0.02 * scale * orthogonalize(nesterov, ortho_dtype).float()
         for p, g in zip(torch_adam.param_groups[0]["params"], grads[4:]):
             p.grad = g.clone()
         torch_adam.step()
