@@ -628,7 +628,7 @@ class Runner:
             # question has an answer) and best_* from the official threshold sweep
             thresh = math.inf if self.task == "squad" else self.cfg.null_threshold
             scores = squad_v2_scores(gold, preds, finite, thresh)
-            scores["headline_threshold"] = self.cfg.null_threshold
+            scores["headline_threshold"] = None if self.task == "squad" else thresh  # v1.1: no null answers
             thresholded = {q: ("" if finite[q] > thresh else p) for q, p in preds.items()}
             if self.d.master:
                 os.makedirs(out_dir, exist_ok=True)

@@ -358,9 +358,16 @@ def mask_tokens(ids: torch.Tensor, first_seq: int, seed: int, mask_rate: float, 
 # Model and optimizer
 
 
+def compute_dtype(precision: str, device_type: str) -> torch.dtype:
+    """TrainConfig.precision -> the dtype of autocast and of Muon's orthogonalisation."""
+    bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | None = None) -> MuonAdamW:
     """Muon: 2-D matrices inside the blocks. AdamW: the embedding (= tied MLM head), and
-    every gain and scalar. `extra_adam`: (params, lr) of task heads (finetuner)."""
+    every gain and scalar. `extra_adam`: (params, lr) of task heads (finetuner). Call after
+    the model is on its device (the orthogonalisation dtype depends on it)."""
     named = list(model.named_parameters())
     hidden = [p for n, p in named if n.startswith("blocks.") and p.ndim == 2]
     embed = [p for n, p in named if n.startswith(("embed.", "mlm_head."))]
@@ -376,7 +383,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | N
         all_params += list(params)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    ortho_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(t.precision)  # auto: by device
+    ortho_dtype = compute_dtype(t.precision, all_params[0].device.type)
     return MuonAdamW([g for g in groups if g["params"]], params_expected=all_params, ortho_dtype=ortho_dtype)
 
 
@@ -398,7 +405,7 @@ def make_forward(model: KBERT, compile: bool, precision: str = "auto"):
     encoder is compiled with static shapes (windows are tensor inputs, so growing them never
     recompiles) and the MLM head with a dynamic number of predicted tokens."""
     device_type = next(model.parameters()).device.type
-    bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    bf16 = compute_dtype(precision, device_type) == torch.bfloat16
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     encoder = model
     if compile:

@@ -316,8 +316,8 @@ def test_push_to_hub_retries_and_keeps_local_copy(tmp_path, monkeypatch):
 
 
 def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
-    """--train.precision bf16 (autocast over fp32 weights), with the residual stream in fp32 or
-    bf16, trains on CPU and starts where the fp32 run starts."""
+    """--train.precision bf16 (autocast over fp32 weights, Muon's orthogonalisation in bf16),
+    with the residual stream in fp32 or bf16, trains on CPU and starts where the fp32 run starts."""
     monkeypatch.chdir(shards)
     args = base_args(shards, "p", steps=2) + ["--train.val_every", "0", "--train.save_every", "0"]
     runs = {name: losses(trainer.main(args + extra)["history"]) for name, extra in (
