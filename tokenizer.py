@@ -50,10 +50,10 @@ class Tokenizer:
             self.bpe = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises requests/urllib errors of many kinds
             raise RuntimeError(
-                "Could not load the GPT-2 BPE files for tiktoken (no network?). Put vocab.bpe and "
-                "encoder.json in a folder, run `python -c \"import tokenizer; "
-                "tokenizer.install_offline_bpe('SRC_DIR', 'CACHE_DIR')\"` and set "
-                f"TIKTOKEN_CACHE_DIR=CACHE_DIR (see ../shared/README.md). Cause: {type(e).__name__}: {e}"
+                f"cannot load GPT-2's BPE files ({type(e).__name__}: {e}). tiktoken downloads them (network access) "
+                "or reads them from the folder named by TIKTOKEN_CACHE_DIR. Offline: with GPT-2's vocab.bpe and "
+                "encoder.json in SRC_DIR, run `python -c \"import tokenizer; tokenizer.install_offline_bpe('SRC_DIR', "
+                "'CACHE_DIR')\"` from the repo root and set TIKTOKEN_CACHE_DIR=CACHE_DIR"
             ) from None
         assert self.bpe.n_vocab == CLS_ID + 1, self.bpe.n_vocab
         self.vocab_size = VOCAB_SIZE

@@ -8,12 +8,19 @@
 Each document becomes `<|endoftext|> tokens`. A document goes to the validation split when
 a hash of its text falls under --val-permille, so validation never overlaps training
 (exact duplicates land on the same side). Shards: {prefix}_val_NNNNNN.bin and
-{prefix}_train_NNNNNN.bin. Runs in parallel over --workers processes and is resumable:
-progress is saved with each train shard and a rerun continues where it stopped.
+{prefix}_train_NNNNNN.bin. Runs in parallel over --workers processes.
+
+Resumable: progress ({prefix}.progress.json and the pending tokens) is saved with each train
+shard and at --max-docs, and a rerun with the same arguments continues to the same shards
+as one uninterrupted run. Local files are read again from the start and the documents
+already done are skipped without tokenizing them. A Hub stream continues from its saved
+position (datasets' IterableDataset.state_dict), so what was done is not streamed again;
+a progress file without that position (older versions) re-streams and skips instead.
 """
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -36,7 +43,11 @@ def _encode_batch(texts: list[str]) -> list[np.ndarray]:
         try:
             _enc = tiktoken.get_encoding("gpt2")
         except Exception as e:
-            raise RuntimeError(f"cannot load GPT-2 BPE files ({e}); set TIKTOKEN_CACHE_DIR, see ../shared/README.md") from None
+            raise RuntimeError(
+                f"cannot load GPT-2's BPE files ({type(e).__name__}: {e}). tiktoken downloads them (network access) "
+                "or reads them from the folder named by TIKTOKEN_CACHE_DIR. Offline: with GPT-2's vocab.bpe and "
+                "encoder.json in SRC_DIR, run `python -c \"import tokenizer; tokenizer.install_offline_bpe('SRC_DIR', "
+                "'CACHE_DIR')\"` from the repo root and set TIKTOKEN_CACHE_DIR=CACHE_DIR") from None
     return [np.array([EOT] + ids, dtype=np.uint16) for ids in _enc.encode_ordinary_batch(texts)]
 
 
@@ -71,13 +82,6 @@ def iter_local(patterns: list[str], field: str):
             raise ValueError(f"{path}: unsupported file type (use .jsonl, .parquet or .txt)")
 
 
-def iter_hub(name: str, config: str | None, split: str, field: str):
-    from datasets import load_dataset
-
-    for row in load_dataset(name, config, split=split, streaming=True):
-        yield row[field]
-
-
 def batched(it, n):
     batch = []
     for x in it:
@@ -101,7 +105,8 @@ def main(argv=None):
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     ap.add_argument("--val-permille", type=int, default=5, help="documents per 1000 routed to validation")
     ap.add_argument("--max-docs", type=int, default=0,
-                    help="stop after this many documents in all (0 = all); progress is kept and a later run continues")
+                    help="stop after this many documents in all (0 = all); progress is kept and a later run continues "
+                         "(see Resumable above)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch-docs", type=int, default=256)
     args = ap.parse_args(argv)
@@ -121,7 +126,28 @@ def main(argv=None):
             print("already complete")
             return
 
-    texts = iter_local(args.files, args.field) if args.files else iter_hub(args.hf_dataset, args.hf_config, args.split, args.field)
+    stream = None  # a Hub stream, whose position is saved with the progress
+    if args.files:
+        texts = iter_local(args.files, args.field)
+    else:
+        from datasets import load_dataset
+
+        stream = load_dataset(args.hf_dataset, args.hf_config, split=args.split, streaming=True)
+        if state.get("stream") is not None:
+            stream.load_state_dict(state["stream"])
+        elif state["docs"]:
+            print(f"the progress file has no stream position (older version): "
+                  f"re-streaming the first {state['docs']:,} documents to skip them")
+        texts = (row[args.field] for row in stream)
+    skip = 0 if stream is not None and state.get("stream") is not None else state["docs"]  # texts read and dropped
+    more = max(0, args.max_docs - state["docs"]) if args.max_docs else None  # texts to tokenize
+    # islice stops before reading past --max-docs, so the saved stream position is exact
+    texts = itertools.islice(texts, skip, None if more is None else skip + more)
+
+    def batches():  # (texts, the stream's position after them): in-flight batches read ahead of what is saved
+        for b in batched(texts, args.batch_docs):
+            yield b, None if stream is None else stream.state_dict()
+
     bufs = {k: [v] for k, v in pending.items()}
     sizes = {k: v.size for k, v in pending.items()}
 
@@ -143,23 +169,16 @@ def main(argv=None):
         json.dump({**state, "done": done}, open(state_path + ".tmp", "w"))
         os.replace(state_path + ".tmp", state_path)
 
-    skip = state["docs"]
-    limit = args.max_docs or float("inf")
-    with mp.get_context("spawn").Pool(args.workers) as pool, tqdm(unit="doc", initial=skip) as bar:
-        def docs():
-            for i, t in enumerate(texts):
-                if i >= limit:
-                    return
-                if i >= skip:
-                    yield t
-
-        for texts_b, toks_b in zip_batches(pool, batched(docs(), args.batch_docs), 4 * args.workers):
+    with mp.get_context("spawn").Pool(args.workers) as pool, tqdm(unit="doc", initial=state["docs"]) as bar:
+        for texts_b, position, toks_b in zip_batches(pool, batches(), 4 * args.workers):
             shard_before = state["train_shard"]
             for text, toks in zip(texts_b, toks_b):
                 split = "val" if is_val(text, args.val_permille) else "train"
                 bufs[split].append(toks)
                 sizes[split] += toks.size
             state["docs"] += len(texts_b)
+            if position is not None:
+                state["stream"] = position
             bar.update(len(texts_b))
             flush("val")
             flush("train")
@@ -176,15 +195,15 @@ def main(argv=None):
 
 
 def zip_batches(pool, batches, in_flight: int):
-    """Tokenize batches in parallel, in order, yielding (texts, token arrays)."""
+    """Tokenize (texts, tag) batches in parallel, in order, yielding (texts, tag, token arrays)."""
     window = []
-    for b in batches:
-        window.append((b, pool.apply_async(_encode_batch, (b,))))
+    for texts, tag in batches:
+        window.append((texts, tag, pool.apply_async(_encode_batch, (texts,))))
         if len(window) >= in_flight:
-            texts, res = window.pop(0)
-            yield texts, res.get()
-    for texts, res in window:
-        yield texts, res.get()
+            texts, tag, res = window.pop(0)
+            yield texts, tag, res.get()
+    for texts, tag, res in window:
+        yield texts, tag, res.get()
 
 
 if __name__ == "__main__":

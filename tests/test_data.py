@@ -1,5 +1,6 @@
 """data/tokenize_text.py: shards readable by the trainer, validation never overlapping
-training, and an interrupted run that continues to the same shards as one full run."""
+training, and an interrupted run (local files or a Hub stream) that continues to the same
+shards as one full run; data/shards.py's token-range check."""
 import json
 import os
 import subprocess
@@ -8,18 +9,22 @@ import sys
 import numpy as np
 import pytest
 
-from data.shards import open_shard
+from data.shards import ShardError, check_token_range, open_shard, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS = 50256
 
 
-def corpus(path, n=400):
+def doc_texts(n=400):
     rng = np.random.default_rng(0)
     words = "the a of cat dog runs quickly model token data shard encoder mask attention window".split()
+    return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(5, 120))) for i in range(n)]
+
+
+def corpus(path, n=400):
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"text": f"doc {i}: " + " ".join(rng.choice(words, rng.integers(5, 120)))}) + "\n")
+        for t in doc_texts(n):
+            f.write(json.dumps({"text": t}) + "\n")
 
 
 def tokenize(src, out, *extra):
@@ -57,6 +62,98 @@ def test_tokenize_split_and_resume(tmp_path, tok):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "tokenize_text.py"), "--files", str(tmp_path / "none*.jsonl"),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "no files match" in r.stderr
+
+
+def test_token_ids_at_or_beyond_the_vocabulary_are_rejected(tmp_path):
+    """The first id >= vocab_size is named with its file and position before it can reach
+    the embedding; ids up to vocab_size - 1 pass."""
+    V = 50304
+    tokens = np.random.default_rng(0).integers(0, V, 10_000).astype(np.uint16)
+    tokens[[0, -1]] = V - 1  # the largest valid id, at both ends
+    clean = str(tmp_path / "clean.bin")
+    write_shard(clean, tokens)
+    check_token_range(open_shard(clean), clean, V)
+    assert np.array_equal(open_shard(clean, vocab_size=V), tokens)
+    tokens[6543], tokens[8000] = V, 65535  # the first bad id is the one to report
+    bad = str(tmp_path / "bad.bin")
+    write_shard(bad, tokens)
+    for check in (lambda: check_token_range(open_shard(bad), bad, V), lambda: open_shard(bad, vocab_size=V)):
+        with pytest.raises(ShardError) as e:
+            check()
+        msg = str(e.value)
+        assert msg.startswith(bad) and "id 50304 at position 6543" in msg and "data/tokenize_text.py" in msg
+    print(msg)
+    open_shard(bad)  # without vocab_size only the header is checked
+    check_token_range(open_shard(bad), bad, 65536)
+
+
+def assert_same_shards(out, ref):
+    """The shards under output prefix `out` have the names and tokens of those under `ref`."""
+    a, b = (sorted(p.parent.glob(p.name + "_*.bin")) for p in (out, ref))
+    assert [p.name for p in a] == [p.name for p in b]
+    assert all(np.array_equal(open_shard(x), open_shard(y)) for x, y in zip(a, b))
+
+
+def test_hub_stream_resumes_where_it_stopped(tmp_path, monkeypatch, tok, capsys):
+    """A Hub stream that is cut off (--max-docs, then a dropped connection) continues from the
+    saved stream position: the same shards as one full run, and no document is streamed twice.
+    The fake stands at the datasets boundary: an Arrow-backed streaming IterableDataset."""
+    import datasets
+
+    import tokenize_text
+
+    docs = doc_texts(300)
+    streamed, drop_after = [], None  # what the fake stream yielded; a connection drop after that many rows
+
+    def row_seen(row):
+        if len(streamed) == drop_after:
+            raise ConnectionError("fake connection drop")
+        streamed.append(row["text"])
+        return row
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        assert (name, split, streaming) == ("fake/corpus", "train", True)
+        return datasets.Dataset.from_list([{"text": t} for t in docs]).to_iterable_dataset(num_shards=3).map(row_seen)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+
+    def run(out, *extra):
+        streamed.clear()
+        tokenize_text.main(["--hf-dataset", "fake/corpus", "--out", str(out), "--shard-tokens", "3000",
+                            "--val-permille", "100", "--workers", "1", "--batch-docs", "8", *extra])
+        return json.load(open(f"{out}.progress.json"))
+
+    full = tmp_path / "full" / "c"
+    run(full)
+    assert streamed == docs and len(list(full.parent.glob("c_train_*.bin"))) >= 4
+    part = tmp_path / "part" / "c"
+    assert run(part, "--max-docs", "150")["docs"] == 150 and streamed == docs[:150]
+    # a connection drop: the progress saved with the last train shard is behind what was read
+    # (4 batches of 8 are tokenized ahead), so it must hold the stream position of that shard
+    drop_after = 120
+    with pytest.raises(ConnectionError):
+        run(part)
+    assert streamed == docs[150:270]
+    saved = json.load(open(f"{part}.progress.json"))["docs"]
+    assert 150 < saved < 270
+    drop_after = None
+    old = tmp_path / "old" / "c"  # a progress file of the older format, without the stream position
+    os.makedirs(old.parent)
+    for f in part.parent.glob("c*"):
+        (old.parent / f.name).write_bytes(f.read_bytes())
+    progress = json.load(open(f"{old}.progress.json"))
+    del progress["stream"]
+    json.dump(progress, open(f"{old}.progress.json", "w"))
+    capsys.readouterr()
+    run(part)
+    assert streamed == docs[saved:]  # the first documents are not streamed again
+    assert "resuming after" in capsys.readouterr().out
+    assert_same_shards(part, full)
+    run(old)
+    assert "no stream position" in capsys.readouterr().out and streamed == docs  # re-streamed, then skipped
+    assert_same_shards(old, full)
+    with capsys.disabled():
+        print(f"connection dropped after document 270; resumed at document {saved}, the last saved shard")
 
 
 def test_download_scripts_with_a_fake_hub(tmp_path, monkeypatch):
