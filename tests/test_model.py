@@ -5,7 +5,8 @@ import torch
 
 from torch.nn.attention.flex_attention import BlockMask
 
-from model import CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, block_lists, block_mask, document_ids
+from model import (CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, block_lists, block_mask,
+                   document_ids, make_mask_mod)
 
 
 def random_model(seed=0, **overrides):
@@ -56,17 +57,55 @@ def test_block_mask_equals_torch_construction():
     assert (kinds > 0).all()
 
 
-@torch.no_grad()
-def test_flex_attention_forward_matches_sdpa_path():
-    m = random_model(local_window=100, global_window=300)
-    ids = packed_batch()
-    m.attn_backend = "sdpa"
-    dense = m(ids)
-    m.attn_backend = "flex"
-    flex = m(ids)
-    err = (dense - flex).abs().max().item()
-    print(f"FlexAttention vs SDPA max abs diff (tiny, fp32, T=512): {err:.3e}")
-    assert err < 1e-4
+def random_documents(B, T, seed):
+    """Rows of documents from 1 token to several blocks long, ending in [PAD] runs of 0 to 300
+    tokens (1, and exactly one block, among them); the last row is a single document."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50000, (B, T), generator=g)
+    for b in range(B - 1):
+        pos = 0
+        while pos < T:
+            ids[b, pos] = CLS_ID
+            longest = (1, 16, 128, 600)[torch.randint(4, (1,), generator=g).item()]
+            pos += torch.randint(1, longest + 1, (1,), generator=g).item()
+        pad = (0, 1, 50, 128, 300)[b % 5]
+        ids[b, T - pad:] = PAD_ID
+    ids[:, 0] = CLS_ID
+    return ids
+
+
+def block_matrix(num_blocks, indices):
+    """(B, 1, n) counts and (B, 1, n, n) index lists -> (B, 1, n, n) how often each block is
+    listed among each row's first `count` entries (the order, and what follows, is free)."""
+    listed = torch.arange(indices.size(-1)) < num_blocks[..., None]
+    return torch.zeros(indices.shape, dtype=torch.int32).scatter_add_(-1, indices.long(), listed.int())
+
+
+def test_block_mask_matches_create_block_mask():
+    """model.block_mask (from document ranges per block) against torch's create_block_mask,
+    which evaluates the same mask_mod at every (q, kv) position: the same partial and full
+    blocks, kv-major and q-major, for windows from 1 token to past the row."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = 6, 1024
+    ids = random_documents(B, T, seed=0)
+    docs = document_ids(ids)
+    assert (docs[:, -1] > 1).sum() == B - 1 and (docs[-1] == 1).all()
+    kinds = {}
+    for w in (1, 5, 127, 128, 129, 200, 257, 640, T - 1, T, 4 * T):
+        window = torch.tensor(w)
+        ours = block_mask(docs, window)
+        ref = create_block_mask(make_mask_mod(docs, window), B, None, T, T, device="cpu", BLOCK_SIZE=128)
+        for side in ("kv", "q"):
+            for full in ("", "full_"):
+                n = f"{full}{side}_num_blocks"
+                assert torch.equal(getattr(ours, n), getattr(ref, n)), (w, n)
+                i = f"{full}{side}_indices"
+                assert torch.equal(block_matrix(getattr(ours, n), getattr(ours, i)),
+                                   block_matrix(getattr(ref, n), getattr(ref, i))), (w, i)
+        kinds[w] = (ours.kv_num_blocks.sum().item(), ours.full_kv_num_blocks.sum().item())
+    print("block_mask = create_block_mask; (partial, full) blocks by window:", kinds)
+    assert kinds[1] == (B * T // 128, 0) and kinds[4 * T][1] > 0  # only the diagonal at 1; full blocks exercised
 
 
 def test_gradients_match_float64_reference():
@@ -150,19 +189,48 @@ def test_mlm_loss_only_at_labelled_positions():
     assert m.mlm_logits(h[0]).abs().max() <= m.cfg.softcap
 
 
-def test_heads_shapes_and_losses():
-    h = torch.randn(3, 10, 64)
-    cls = ClassificationHead(64, 3)
-    logits = cls(h[:, 0])
-    assert logits.shape == (3, 3) and torch.allclose(cls.loss(logits, torch.tensor([0, 1, 2])), torch.log(torch.tensor(3.0)))
-    reg = ClassificationHead(64, 1)
-    assert reg.loss(reg(h[:, 0]), torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx((1 + 4 + 9) / 3)
-    span = SpanHead(64)
-    s, e = span(h)
-    valid = torch.ones(3, 10, dtype=torch.bool)
-    valid[:, 8:] = False
-    loss = SpanHead.loss(s, e, torch.tensor([0, 1, 2]), torch.tensor([0, 3, 4]), valid)
-    assert loss.item() == pytest.approx(torch.log(torch.tensor(8.0)).item(), rel=1e-5)
+def test_heads_against_hand_computation():
+    """Heads with non-zero weights at d_model=2 against logits and losses worked out by hand;
+    gelu is the exact (erf) one: gelu(1) = 0.8413447, gelu(-2) = -0.0455003, gelu(0.5) = 0.3457312."""
+    h = torch.tensor([[1.0, 2.0], [0.5, -1.0]])  # two [CLS] states
+    assert ClassificationHead(2, 3)(h).abs().sum() == 0  # zero-initialised output layer
+
+    def head(n_labels, out_weight, out_bias):
+        m = ClassificationHead(2, n_labels).eval()  # eval: no dropout
+        with torch.no_grad():
+            m.dense.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, -1.0]]))
+            m.dense.bias.copy_(torch.tensor([0.0, -1.0]))
+            m.out.weight.copy_(torch.tensor(out_weight))
+            m.out.bias.copy_(torch.tensor(out_bias))
+        return m
+
+    # dense: [1, 2] -> [1, -2] and [0.5, -1] -> [0.5, 0.5]; gelu: [0.8413447, -0.0455003], [0.3457312, 0.3457312]
+    cls = head(3, [[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]], [0.0, 0.5, -0.5])
+    logits = cls(h)
+    torch.testing.assert_close(logits, torch.tensor([[0.8413447, 0.4544997, 1.2281898], [0.3457312, 0.8457312, -0.1542688]]))
+    # labels [2, 1]: mean over rows of log(sum(exp(row))) - row[label] = (0.7610413 + 0.6802697) / 2
+    assert cls.loss(logits, torch.tensor([2, 1])).item() == pytest.approx(0.7206555, abs=1e-6)
+    reg = head(1, [[1.0, -2.0]], [0.25])
+    pred = reg(h)  # 0.8413447 + 2 * 0.0455003 + 0.25 and 0.3457312 - 2 * 0.3457312 + 0.25
+    torch.testing.assert_close(pred, torch.tensor([[1.1823453], [-0.0957312]]))
+    # targets [1, 0]: (0.1823453^2 + 0.0957312^2) / 2
+    assert reg.loss(pred, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.0212071, abs=1e-6)
+
+    span = SpanHead(2)
+    with torch.no_grad():
+        span.out.weight.copy_(torch.eye(2))  # start = h[0], end = h[1] + 0.5
+        span.out.bias.copy_(torch.tensor([0.0, 0.5]))
+    hidden = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, -1.0], [3.0, 3.0]],
+                           [[1.0, 1.0], [0.0, 0.0], [-1.0, 2.0], [0.0, 1.0]]])  # (B=2, T=4, D=2)
+    start, end = span(hidden)
+    torch.testing.assert_close(start, torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, -1.0, 0.0]]))
+    torch.testing.assert_close(end, torch.tensor([[1.5, 0.5, -0.5, 3.5], [1.5, 0.5, 2.5, 1.5]]))
+    valid = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    # invalid positions leave the softmax. start at [2, 0]: log(e^0 + e^1 + e^2) - 2 = 0.4076060 and
+    # log(e^1 + e^-1 + e^0) - 1 = 0.4076060; end at [1, 2]: log(e^1.5 + e^0.5 + e^-0.5) - 0.5 = 1.4076060
+    # and log(e^1.5 + e^2.5 + e^1.5) - 2.5 = 0.5514447; loss = (mean start + mean end) / 2
+    loss = SpanHead.loss(start, end, torch.tensor([2, 0]), torch.tensor([1, 2]), valid)
+    assert loss.item() == pytest.approx(0.6935657, abs=1e-6)
 
 
 def test_preset_parameter_counts():

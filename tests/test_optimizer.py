@@ -130,7 +130,9 @@ def test_state_dict_round_trip_resumes_identically(tmp_path):
 
 def test_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node=2 (gloo): each rank holds half of the gradient; after 4
-    steps the weights and the gathered optimizer state equal a single process's."""
+    steps the weights and the gathered optimizer state equal a single process's. The AdamW
+    moments are compared too: Adam's update barely changes when every gradient is scaled
+    (the world size not divided out, say), its moments do."""
     out = tmp_path / "dist.pt"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
@@ -144,8 +146,15 @@ def test_two_processes_match_one(tmp_path):
         assert threads == [("0", "0"), ("1", "0")], r.stdout
     got = torch.load(out, weights_only=True)
     params, opt = run_steps()
+    state = opt.state_dict()
     worst = max((a - b.detach()).abs().max().item() for a, b in zip(got["params"], params))
-    print(f"1 vs 2 processes: max abs weight difference after 4 steps {worst:.2e}")
+    moments = max((a[k] - b[k]).abs().max().item() for a, b in zip(got["state"]["adamw"], state["adamw"])
+                  for k in ("exp_avg", "exp_avg_sq"))
+    print(f"1 vs 2 processes, 4 steps: max abs difference of the weights {worst:.2e}, of the AdamW moments {moments:.2e}")
     assert worst < 1e-5
-    for a, b in zip(got["state"]["muon_momentum"], opt.state_dict()["muon_momentum"]):
+    for a, b in zip(got["state"]["muon_momentum"], state["muon_momentum"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got["state"]["adamw"], state["adamw"], strict=True):
+        assert a["step"] == b["step"] == 4
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
