@@ -65,6 +65,7 @@ class MuonAdamW(torch.optim.Optimizer):
     """param_groups each carry `kind`: "muon" (2-D hidden matrices) or "adamw".
     muon keys:  lr, momentum, nesterov, weight_decay
     adamw keys: lr, betas, eps, weight_decay
+    either:     name (for logs), initial_lr (the schedule's base lr, kept by the caller)
     Every parameter of `params_expected` (if given) must be in exactly one group.
     ortho_dtype: dtype of Muon's orthogonalisation; None: bf16 on CUDA, fp32 elsewhere."""
 
@@ -81,7 +82,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if kind not in ("muon", "adamw"):
                 raise ValueError(f"param group kind must be 'muon' or 'adamw', got {kind!r}")
             defaults = self.MUON_DEFAULTS if kind == "muon" else self.ADAMW_DEFAULTS
-            allowed = {"params", "kind", "lr", "initial_lr", *defaults}
+            allowed = {"params", "kind", "name", "lr", "initial_lr", *defaults}
             unknown = set(g) - allowed
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)} in a {kind} param group; allowed: {sorted(allowed)}")
@@ -202,14 +203,17 @@ class MuonAdamW(torch.optim.Optimizer):
                     st = self.state.get(p)
                     adam.append(None if not st else {"step": st["step"], "exp_avg": st["exp_avg"].cpu().clone(),
                                                      "exp_avg_sq": st["exp_avg_sq"].cpu().clone()})
-        hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"muon_momentum": muon, "adamw": adam, "param_groups": hparams}
+        # the groups' layout only, to check a load against: hyperparameters (lr, betas, weight
+        # decay) belong to the run's config, not to the state, so a resumed run can change them
+        layout = [{"kind": g["kind"]} for g in self.param_groups]
+        return {"muon_momentum": muon, "adamw": adam, "param_groups": layout}
 
     def load_state_dict(self, state: dict):
-        if len(state["param_groups"]) != len(self.param_groups):
-            raise ValueError("optimizer state has a different number of param groups than this model")
-        for g, saved in zip(self.param_groups, state["param_groups"]):
-            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        """Restores the state (momenta, moments, step counts) and nothing else: every group
+        keeps the hyperparameters it was built with."""
+        kinds, saved = [g["kind"] for g in self.param_groups], [g["kind"] for g in state["param_groups"]]
+        if saved != kinds:  # the number of tensors per group is checked below (strict zips)
+            raise ValueError(f"optimizer state was saved for param groups {saved}, this optimizer has {kinds}")
         for b, full in zip(self.buckets, state["muon_momentum"], strict=True):
             if full is None:
                 b["momentum"] = None

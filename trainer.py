@@ -2,12 +2,13 @@
 
     python trainer.py --demo                                  # tiny model, CPU, a few minutes
     torchrun --standalone --nproc_per_node=8 trainer.py       # KBERT-base on FineWeb-EDU 10B
-    torchrun ... trainer.py --train.resume checkpoints/RUN_ID # continue a run exactly
+    torchrun ... trainer.py --train.resume checkpoints/RUN_ID # continue a run exactly (its config, plus any options given)
 
 Every hyperparameter is a field below, overridable as `--group.key value`.
 Sections: hyperparameters -> distributed setup and logging -> data -> masking ->
 model and optimizer -> schedules -> checkpoints and export -> training loop.
 """
+import dataclasses
 import glob
 import hashlib
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 import common
-from data.shards import open_shard, write_shard
+from data.shards import check_token_range, open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
 
@@ -36,7 +37,8 @@ class TrainConfig:
     steps: int = 18_700  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
     batch_tokens: int = 524_288  # global tokens per step (64 x 8192), fixed whatever the world size
     micro_batch_seqs: int = 8  # sequences per forward/backward on one device; grad accumulation is derived
-    batch_tokens_start: int = 0  # >0: batch-size warm-up, linear from this to batch_tokens ...
+    # >0: batch-size warm-up, linear from this to batch_tokens (whole sequences, the same for any world size) ...
+    batch_tokens_start: int = 0
     batch_warmup_frac: float = 0.0  # ... over this fraction of the steps
     lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
     # token embedding = tied MLM head (AdamW). Adam moves each row ~lr per coordinate per step, so
@@ -68,7 +70,9 @@ class TrainConfig:
     save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept per run
     checkpoint_dir: str = "checkpoints"
-    resume: str = ""  # a checkpoint file or a checkpoint folder (its newest good file)
+    # a checkpoint file or a checkpoint folder (its newest good file). The run continues with the
+    # checkpoint's config; options given on the command line override it (the log lists what changed)
+    resume: str = ""
     export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
     hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
     compile: bool = True  # torch.compile on CUDA (never on CPU)
@@ -110,16 +114,19 @@ class Hyperparameters:
 PYDOC_FILES = ("data/pydoc/pydoc_train_*.bin", "data/pydoc/pydoc_val_*.bin")
 
 
-def parse_args(argv: list[str]) -> Hyperparameters:
-    """Overrides on top of the defaults (or DEMO), then the derived fields: the exported
-    model's windows are the ones training ends with, and --data.source pydoc fixes the globs."""
+def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
+    """The defaults, then DEMO (--demo), then a resumed checkpoint's config (`saved`), then the
+    options given; then the derived fields: the exported model's windows are the ones
+    training ends with, and --data.source pydoc fixes the globs."""
     overrides, flags = common.parse_overrides(argv, GROUPS, flags=("demo",))
     for name in ("local_window", "global_window"):
         if name in overrides["model"]:
             raise SystemExit(f"--model.{name} is derived from the training schedule: set --train.{name}_end instead")
     groups = {}
     for name, cls in GROUPS.items():
-        kwargs = {**(DEMO[name] if "demo" in flags else {}), **overrides[name]}
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        resumed = {k: v for k, v in (saved or {}).get(name, {}).items() if k in init and (name, k) != ("train", "resume")}
+        kwargs = {**(DEMO[name] if "demo" in flags else {}), **resumed, **overrides[name]}
         try:
             groups[name] = cls(**kwargs)
         except ValueError as e:
@@ -152,6 +159,15 @@ def check(hp: Hyperparameters):
         raise SystemExit("--train.random_frac_* + --train.keep_frac_* must not exceed 1")
     if t.steps < 1:
         raise SystemExit("--train.steps must be >= 1")
+    if t.micro_batch_seqs < 1:
+        raise SystemExit("--train.micro_batch_seqs must be >= 1")
+
+
+def config_changes(saved: dict, hp: Hyperparameters) -> list[str]:
+    """'group.key: old -> new' for every value of hp that differs from a checkpoint's config."""
+    now = common.config_to_dict(hp)
+    return [f"{g}.{k}: {saved.get(g, {}).get(k)!r} -> {v!r}" for g, values in now.items() for k, v in values.items()
+            if (g, k) != ("train", "resume") and saved.get(g, {}).get(k) != v]
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,18 +221,22 @@ def shard_files(pattern: str, what: str) -> list[str]:
 
 
 class PackedLoader:
-    """A deterministic stream of packed sequences of `seq_len` tokens.
+    """A deterministic stream of packed sequences of `seq_len` tokens, every row full.
 
     Documents are taken in order from the shards (shard order reshuffled by the seed every
-    epoch) and placed whole; when the next one does not fit, the rest of the sequence is
-    [PAD] (its own document, never attended by real tokens) and it starts the next
-    sequence. A document longer than a sequence is split: it fills the rest of the current
-    sequence and following ones, each piece after the first starting with an inserted
-    [CLS]. No token is dropped. Sequence n of the stream is the same for every world size;
-    `state_dict()` is the exact position, so a resumed run sees exactly the same data."""
+    epoch) and laid end to end. A document that does not fit in the rest of a row fills it
+    and continues at the start of the next row, each piece after the first opening with an
+    inserted [CLS] so that it is a document of its own for the attention mask. (Padding the
+    rest of the row instead wasted 10-14% of the tokens on real shards.) No token is
+    dropped and [PAD] appears only at the end of a finite pass (loop=False). Sequence n of
+    the stream is the same for every world size; `state_dict()` is the exact position, so
+    a resumed run sees exactly the same data. Token ids are checked against `vocab_size`
+    when a shard is loaded."""
 
-    def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True, loop: bool = True):
+    def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True, loop: bool = True,
+                 vocab_size: int = ModelConfig.vocab_size):
         self.files, self.T, self.seed, self.shuffle, self.loop = files, seq_len, seed, shuffle, loop
+        self.vocab_size = vocab_size
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = 0, 0, 0, False, 0
         self.exhausted = False  # with loop=False: the single pass is over
         self._loaded = None  # (path, tokens memmap, document start positions)
@@ -233,6 +253,7 @@ class PackedLoader:
         path = self._order()[self.file_idx]
         if self._loaded is None or self._loaded[0] != path:
             tokens = open_shard(path)
+            check_token_range(tokens, path, self.vocab_size)
             self._loaded = (path, tokens, np.flatnonzero(tokens == CLS_ID))
         return self._loaded[1], self._loaded[2]
 
@@ -261,25 +282,15 @@ class PackedLoader:
             piece, need_cls = self._next_piece()
             if piece is None:  # loop=False and the data are used up: the rest stays [PAD]
                 break
-            length = len(piece) + need_cls
-            space = T - fill
-            if length <= space:  # the whole (rest of the) document fits
-                if need_cls:
-                    seq[fill] = CLS_ID
-                seq[fill + need_cls: fill + length] = piece
-                fill += length
-                self.pos += len(piece)
-                self.cont = False
-            elif length > T and space >= 2:  # longer than a sequence: split it here
-                take = space - need_cls
-                if need_cls:
-                    seq[fill] = CLS_ID
-                seq[fill + need_cls:] = piece[:take]
-                self.pos += take
-                self.cont = True
-                fill = T
-            else:  # fits in the next sequence: pad the rest of this one
-                break
+            if need_cls:  # a continued piece (or one whose [CLS] is in the previous shard) opens with [CLS]
+                seq[fill] = CLS_ID
+                fill += 1
+            # with one slot left that [CLS] stands alone (a 1-token document) and the piece starts the next row
+            take = min(len(piece), T - fill)
+            seq[fill:fill + take] = piece[:take]
+            fill += take
+            self.pos += take
+            self.cont = take < len(piece)
         self.seq_index += 1
         return seq
 
@@ -374,12 +385,13 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | N
     taken = {id(p) for p in hidden + embed}
     scalars = [p for _, p in named if id(p) not in taken]
     betas = tuple(float(b) for b in t.adam_betas.split(","))
-    groups = [dict(kind="muon", params=hidden, lr=t.lr_muon, momentum=t.muon_momentum_end, weight_decay=t.weight_decay),
-              dict(kind="adamw", params=embed, lr=t.lr_embed, betas=betas),
-              dict(kind="adamw", params=scalars, lr=t.lr_scalar, betas=betas)]
+    groups = [dict(kind="muon", name="muon", params=hidden, lr=t.lr_muon, momentum=t.muon_momentum_end,
+                   weight_decay=t.weight_decay),
+              dict(kind="adamw", name="embed", params=embed, lr=t.lr_embed, betas=betas),
+              dict(kind="adamw", name="scalar", params=scalars, lr=t.lr_scalar, betas=betas)]
     all_params = list(model.parameters())
-    for params, lr in extra_adam or []:
-        groups.append(dict(kind="adamw", params=params, lr=lr, betas=betas))
+    for k, (params, lr) in enumerate(extra_adam or []):
+        groups.append(dict(kind="adamw", name=f"extra{k}", params=params, lr=lr, betas=betas))
         all_params += list(params)
     for g in groups:
         g["initial_lr"] = g["lr"]
@@ -397,6 +409,14 @@ def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_loca
     n_global = sum(cfg.is_global(i) for i in range(cfg.n_layer))
     attn = 12 * d * (pairs_global * n_global + pairs_local * (cfg.n_layer - n_global))
     return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
+
+
+def step_flops(cfg: ModelConfig, batch: np.ndarray, n_predicted: int, windows: tuple[int, int]) -> float:
+    """training_flops of one step on packed rows: their real (non-[PAD]) tokens, the attended
+    pairs their documents allow under the (local, global) windows, the predicted tokens."""
+    lengths = document_lengths(batch)
+    return training_flops(cfg, int(lengths.sum()), n_predicted, attention_pairs(lengths, windows[0]),
+                          attention_pairs(lengths, windows[1]))
 
 
 def make_forward(model: KBERT, compile: bool, precision: str = "auto"):
@@ -463,14 +483,14 @@ def masking_at(step: int, t: TrainConfig) -> tuple[float, float, float]:
             lerp(t.keep_frac_start, t.keep_frac_end, frac))
 
 
-def batch_seqs_at(step: int, t: TrainConfig, seq_len: int, unit: int) -> int:
-    """Sequences in this step's global batch (a multiple of `unit` = world x micro batch)."""
+def batch_seqs_at(step: int, t: TrainConfig, seq_len: int) -> int:
+    """Sequences in this step's global batch: whole sequences, independent of the world size
+    and the micro-batch size (train_step deals them out), so every launch computes one run."""
     full = t.batch_tokens // seq_len
     if t.batch_tokens_start <= 0 or t.batch_warmup_frac <= 0:
         return full
-    start = t.batch_tokens_start // seq_len
-    n = lerp(start, full, step / max(1, t.batch_warmup_frac * t.steps))
-    return max(unit, int(n) // unit * unit)
+    start = max(1, t.batch_tokens_start // seq_len)
+    return max(1, int(lerp(start, full, step / max(1, t.batch_warmup_frac * t.steps))))
 
 
 # ----------------------------------------------------------------------------------------
@@ -518,7 +538,7 @@ def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | 
     return (f"---\nlibrary_name: kbert\ntags: [fill-mask, encoder, kbert]\n---\n# KBERT ({hp.model.preset})\n\n"
             f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
             f"- parameters: {counts['total']:,} ({counts['embedding']:,} embedding, {counts['non_embedding']:,} other)\n"
-            f"- tokens seen: {tokens_seen:,}\n- validation loss: {val_line}\n"
+            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n"
             f"- tokenizer: GPT-2 BPE (tiktoken `gpt2`) + [MASK]=50257 [SEP]=50258 [PAD]=50259, [CLS]=50256\n"
             f"- command: `{command}`\n\n## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
 
@@ -556,7 +576,7 @@ def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
 def validation_batch(files: list[str], hp: Hyperparameters) -> np.ndarray:
     """The fixed validation set: the first val_tokens of the validation shards, packed (read
     once per run)."""
-    loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False)  # one pass at most
+    loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False, vocab_size=hp.model.vocab_size)  # one pass at most
     seqs = []
     while len(seqs) < max(1, hp.train.val_tokens // hp.data.seq_len) and not loader.exhausted:
         seqs.append(loader.next_sequence())
@@ -594,11 +614,81 @@ def nonfinite_report(model: torch.nn.Module, limit: int = 8) -> str:
     return "\n".join(lines)
 
 
+def set_schedules(opt: MuonAdamW, step: int, t: TrainConfig) -> dict:
+    """This step's learning rates (each group's base lr from the config x the schedule) and
+    Muon momentum; returns the learning rates by group name."""
+    mult = lr_multiplier(step, t)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * mult
+        if g["kind"] == "muon":
+            g["momentum"] = lerp(t.muon_momentum_start, t.muon_momentum_end, step / max(1, t.muon_momentum_warmup_steps))
+    return {g["name"]: g["lr"] for g in opt.param_groups}
+
+
+def rank_chunks(n_rows: int, micro: int, world: int, rank: int) -> list[tuple[int, int]]:
+    """This rank's micro-batches, (first row, end row): the global batch cut into chunks of
+    `micro` rows, dealt round-robin over the ranks (a rank may get one fewer, or none)."""
+    return [(lo, min(lo + micro, n_rows)) for k, lo in enumerate(range(0, n_rows, micro)) if k % world == rank]
+
+
+def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: int, step: int, t: TrainConfig,
+               d: common.Dist, static_rows: bool = False) -> dict:
+    """One optimizer step over the global batch (n_rows, T) whose first row is sequence
+    `first` of the stream. Every rank holds the whole batch and takes its micro-batches; the
+    loss is the sum over all predicted tokens of the global batch divided by their number,
+    so the step is the same math for any world size and any micro-batch size.
+    static_rows: fill a short last micro-batch with [PAD] rows (no labels, no gradient) so a
+    compiled model sees one shape. The gradients stay on the parameters after the step."""
+    windows_py = windows_at(step, t)
+    windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
+    mask_rate, rnd, keep = masking_at(step, t)
+    lrs = set_schedules(opt, step, t)
+    cuda = d.device.type == "cuda"
+    micro = []
+    for lo, hi in rank_chunks(len(batch), t.micro_batch_seqs, d.world, d.rank):
+        rows = batch[lo:hi]
+        if static_rows and hi - lo < t.micro_batch_seqs:
+            rows = np.concatenate([rows, np.full((t.micro_batch_seqs - (hi - lo), rows.shape[1]), PAD_ID, rows.dtype)])
+        ids = torch.from_numpy(rows)
+        ids = (ids.pin_memory().to(d.device, non_blocking=True) if cuda else ids).long()
+        micro.append(mask_tokens(ids, first + lo, t.seed, mask_rate, rnd, keep))
+    # the global number of predicted tokens, before any backward: one all-reduce
+    n_pred = torch.zeros((), dtype=torch.float64, device=d.device)
+    for _, labels in micro:
+        n_pred += (labels >= 0).sum()
+    n_pred = common.all_reduce_sum(n_pred, d)
+    scale = (d.world / n_pred.clamp(min=1)).float()  # x world: the optimizer averages gradients over ranks
+
+    opt.zero_grad(set_to_none=True)  # here, not after the step: a failing step's gradients stay inspectable
+    loss_sum = torch.zeros((), device=d.device)
+    for inputs, labels in micro:
+        loss, _, _ = forward(inputs, labels, windows, "sum")
+        (loss * scale).backward()
+        loss_sum += loss.detach()
+    if not micro:  # a rank without rows (batch warm-up on many ranks) still joins the gradient reduction
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    # this rank's gradient norm (the whole batch's on 1 process); NaN/inf flags a bad step
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    opt.step()
+    # the loss and how many ranks saw a non-finite gradient, in one all-reduce
+    stats = common.all_reduce_sum(torch.stack([loss_sum, (~grad_norm.isfinite()).float()]), d)
+    loss_total, bad_grad_ranks = stats.tolist()  # syncs
+    n_pred_value = int(n_pred.item())
+    return {"loss": loss_total / max(1, n_pred_value), "grad_norm": grad_norm.item(), "bad_grad_ranks": int(bad_grad_ranks),
+            "n_predicted": n_pred_value, "real_tokens": int((batch != PAD_ID).sum()), "lrs": lrs,
+            "windows": windows_py, "mask_rate": mask_rate}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    hp = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # a resumed run starts from its checkpoint's config: read the checkpoint before the config
+    resume = common.parse_overrides(argv, GROUPS, flags=("demo",))[0]["train"].get("resume", "")
+    notes = []  # what loading the checkpoint found, for the run log
+    resume_state = load_checkpoint(resume, notes.append) if resume else None
+    hp = parse_args(argv, saved=resume_state["config"] if resume_state else None)
     t, dc = hp.train, hp.data
     d = common.setup_distributed(t.device)
-    resume_state = load_checkpoint(t.resume, print if d.master else (lambda *_: None)) if t.resume else None
     run_id = t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert"))
     if d.world > 1:  # every rank must agree on the run id
         obj = [run_id]
@@ -608,6 +698,11 @@ def main(argv: list[str] | None = None) -> dict:
     log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
                common.config_to_dict(hp), d.device)
     log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
+    if resume_state is not None:
+        for note in notes:
+            log(note)
+        changes = config_changes(resume_state["config"], hp)
+        log("config: the checkpoint's" + ("; changed by the command line: " + "; ".join(changes) if changes else ", unchanged"))
 
     # data
     if dc.source == "pydoc":
@@ -617,11 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.distributed.barrier()
     train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
     val_batch = validation_batch(val_files, hp)
-    loader = PackedLoader(train_files, dc.seq_len, seed=t.seed)
-    unit = d.world * t.micro_batch_seqs
-    if (t.batch_tokens // dc.seq_len) % unit:
-        raise SystemExit(f"--train.batch_tokens {t.batch_tokens} = {t.batch_tokens // dc.seq_len} sequences is not divisible "
-                         f"by world size {d.world} x --train.micro_batch_seqs {t.micro_batch_seqs}")
+    loader = PackedLoader(train_files, dc.seq_len, seed=t.seed, vocab_size=hp.model.vocab_size)
 
     # model and optimizer
     torch.manual_seed(t.seed)
@@ -633,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{counts['non_embedding']:,} non-embedding)")
     opt = build_optimizer(model, t)
     cuda = d.device.type == "cuda"
-    forward = make_forward(model, compile=cuda and t.compile, precision=t.precision)
+    compiled = cuda and t.compile
+    forward = make_forward(model, compile=compiled, precision=t.precision)
 
     step, tokens_seen = 0, 0
     if resume_state is not None:
@@ -641,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
         if saved_model != common.config_to_dict(hp)["model"]:
             raise SystemExit(f"--train.resume: the checkpoint's model config {saved_model} differs from this run's")
         model.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["optimizer"])
+        opt.load_state_dict(resume_state["optimizer"])  # moments and step counts; the lrs are this run's config
         loader.load_state_dict(resume_state["loader"])
         torch.set_rng_state(resume_state["rng_cpu"])
         if cuda and "rng_cuda" in resume_state:
@@ -654,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
     val, history = None, []
     train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
+    log("step lines: lr_* are each group's learning rate; real_tokens, real_tok/s and mfu count non-[PAD] tokens")
 
     while True:
         last = step == t.steps
@@ -662,74 +755,42 @@ def main(argv: list[str] | None = None) -> dict:
             val = evaluate(forward, val_batch, hp, d, model.default_windows(d.device))  # the final windows
             model.train()
             log(f"step:{step}/{t.steps} val_loss:{val['loss']:.4f} val_acc:{val['acc']:.4f} "
-                f"train_time:{train_time * 1000:.0f}ms tokens_seen:{tokens_seen}")
+                f"train_time:{train_time * 1000:.0f}ms real_tokens_seen:{tokens_seen}")
             history.append({"step": step, **val})
         if last or (t.save_every and step % t.save_every == 0 and step > start_step):
             save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log)
         if last:
             break
 
-        # one optimizer step over the global batch
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        n_seqs = batch_seqs_at(step, t, dc.seq_len, unit)
-        batch, first = loader.next_batch(n_seqs)  # every rank packs the whole batch, keeps its rows
-        windows_py = windows_at(step, t)
-        windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
-        mask_rate, rnd, keep = masking_at(step, t)
-        mult = lr_multiplier(step, t)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * mult
-            if g["kind"] == "muon":
-                g["momentum"] = lerp(t.muon_momentum_start, t.muon_momentum_end, step / max(1, t.muon_momentum_warmup_steps))
-        accum = n_seqs // unit
-        opt.zero_grad(set_to_none=True)  # here, not after the step: a failing step's gradients stay inspectable
-        loss_sum = torch.zeros((), device=d.device)
-        n_pred = 0
-        for k in range(accum):
-            row = (k * d.world + d.rank) * t.micro_batch_seqs
-            ids = torch.from_numpy(batch[row:row + t.micro_batch_seqs])
-            ids = (ids.pin_memory().to(d.device, non_blocking=True) if cuda else ids).long()
-            inputs, labels = mask_tokens(ids, first + row, t.seed, mask_rate, rnd, keep)
-            loss, _, count = forward(inputs, labels, windows)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            n_pred += count
-        # this rank's gradient norm (the whole batch's on 1 process); NaN/inf flags a bad step
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        opt.step()
-        # one collective per step: the loss, how many ranks saw a non-finite gradient, predicted tokens
-        stats = common.all_reduce_sum(torch.stack([loss_sum / accum, (~grad_norm.isfinite()).float(),
-                                                   torch.tensor(float(n_pred), device=d.device)]), d)
-        stats[0] /= d.world
-        loss_value, bad_grad_ranks, n_pred_all = stats.tolist()  # syncs
-        bad_grad_ranks, n_pred_all = int(bad_grad_ranks), int(n_pred_all)
-        grad_norm_value = grad_norm.item()
+        batch, first = loader.next_batch(batch_seqs_at(step, t, dc.seq_len))  # every rank packs the whole batch
+        out = train_step(model, opt, forward, batch, first, step, t, d, static_rows=compiled)
         dt = time.perf_counter() - t0
         step += 1
-        tokens = n_seqs * dc.seq_len
-        tokens_seen += tokens
-        if not math.isfinite(loss_value) or bad_grad_ranks:
+        tokens_seen += out["real_tokens"]
+        if not math.isfinite(out["loss"]) or out["bad_grad_ranks"]:
             saved = checkpoint_paths(ckpt_dir)
-            where = (f"the last good checkpoint {saved[-1]} is kept; lower the learning rates and resume with "
-                     f"--train.resume {ckpt_dir}") if saved else "no checkpoint was saved yet (see --train.save_every)"
-            log(f"step:{step} loss is {loss_value}, gradients non-finite on {bad_grad_ranks} of {d.world} ranks: "
+            where = (f"the last good checkpoint {saved[-1]} is kept; resume it with lower learning rates, e.g. "
+                     f"--train.resume {ckpt_dir} --train.lr_muon {t.lr_muon / 2:g} --train.lr_embed {t.lr_embed / 2:g} "
+                     f"(options given on resume override the checkpoint's config)") if saved else \
+                "no checkpoint was saved yet (see --train.save_every)"
+            log(f"step:{step} loss is {out['loss']}, gradients non-finite on {out['bad_grad_ranks']} of {d.world} ranks: "
                 f"stopping; {where}\n{nonfinite_report(model)}")
             common.cleanup_distributed(d)
             raise SystemExit(2)
-        if step > 1 or not (cuda and t.compile):
+        if step > 1 or not compiled:
             train_time += dt
-        history.append({"step": step, "loss": loss_value})
+        history.append({"step": step, "loss": out["loss"]})
         if d.master and (step % t.log_every == 0 or step == t.steps):
-            lengths = document_lengths(batch)
-            pairs_l, pairs_g = attention_pairs(lengths, windows_py[0]), attention_pairs(lengths, windows_py[1])
-            flops = training_flops(hp.model, tokens, n_pred_all, pairs_l, pairs_g)
+            (wl, wg), real = out["windows"], out["real_tokens"]
+            flops = step_flops(hp.model, batch, out["n_predicted"], out["windows"])
             mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
             mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"
-            log(f"step:{step}/{t.steps} loss:{loss_value:.4f} gnorm:{grad_norm_value:.3f} lr:{mult:.4f} mask:{mask_rate:.3f} "
-                f"windows:{windows_py[0]}/{windows_py[1]} batch:{tokens} dt:{dt * 1000:.0f}ms "
-                f"tok/s:{tokens / dt:.0f} mfu:{mfu} mem:{mem}")
+            lrs = " ".join(f"lr_{name}:{lr:.3g}" for name, lr in out["lrs"].items())
+            log(f"step:{step}/{t.steps} loss:{out['loss']:.4f} gnorm:{out['grad_norm']:.3f} {lrs} mask:{out['mask_rate']:.3f} "
+                f"windows:{wl}/{wg} real_tokens:{real} dt:{dt * 1000:.0f}ms real_tok/s:{real / dt:.0f} mfu:{mfu} mem:{mem}")
 
     folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
     common.cleanup_distributed(d)

@@ -2,14 +2,14 @@
 
     python -m bench.log_summary logs/RUN_ID.txt --skip 10
 
-prints steps, median tokens/s, ms/step and MFU over the steps after the first `skip` (compile
-and learning-rate warm-up), the first and last loss, the largest gradient norm and whether
-the run stopped on a non-finite value."""
+prints steps, median real (non-[PAD]) tokens/s, ms/step and MFU over the steps after the
+first `skip` (compile and learning-rate warm-up), the first and last loss, the largest gradient
+norm and whether the run stopped on a non-finite value."""
 import argparse
 import re
 import statistics
 
-STEP = re.compile(r"^step:(\d+)/\d+ loss:(\S+) gnorm:(\S+) .* dt:(\d+)ms tok/s:(\d+) mfu:(\S+) mem:(\S+)")
+STEP = re.compile(r"^step:(\d+)/\d+ loss:(\S+) gnorm:(\S+) .* dt:(\d+)ms real_tok/s:(\d+) mfu:(\S+) mem:(\S+)")
 
 
 def summarize(path: str, skip: int = 0) -> dict:
@@ -24,7 +24,7 @@ def summarize(path: str, skip: int = 0) -> dict:
             elif line.startswith("step:") and "stopping;" in line:  # (the code at the top of the log has the phrase too)
                 stopped = line.strip()
     if not rows:
-        raise SystemExit(f"{path}: no step lines (step:N/M loss:... dt:...ms tok/s:... mfu:...) in this file")
+        raise SystemExit(f"{path}: no step lines (step:N/M loss:... dt:...ms real_tok/s:... mfu:...) in this file")
     timed = [r for r in rows if r["step"] > skip] or rows
     mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
     return {"steps": len(rows), "timed_steps": f"{timed[0]['step']}-{timed[-1]['step']}",

@@ -5,10 +5,12 @@ in one process on one GPU, at the same number of real tokens per step.
     python -m bench.throughput --bench.device cpu --bench.presets tiny --bench.baselines none \\
         --bench.tokens_per_step 2048 --bench.kbert_seq_len 256 --bench.kbert_micro 4 --bench.steps 2  # CPU smoke
 
-A step is the real training step: forward, backward and optimizer step (KBERT: trainer.py's
-compiled forward and MuonAdamW; baselines: their own MLM loss and fused AdamW), with compile
-and warm-up excluded, CUDA-synchronised, median over `steps`. Each model gets the best of a
-small sweep of micro-batch sizes; gradient accumulation keeps tokens per step equal.
+A step is the real training step: forward, backward and optimizer step (KBERT:
+trainer.train_step itself, compiled forward and MuonAdamW; baselines: their own MLM loss and
+fused AdamW), with compile and warm-up excluded, CUDA-synchronised, median over `steps`. Each
+model gets the best of a small sweep of micro-batch sizes; gradient accumulation keeps tokens
+per step equal. Tokens/s and FLOPs count real tokens: KBERT's rows are packed full (no [PAD]),
+the baselines' rows are full random ids.
 
 FLOPs per step (multiply-add = 2, forward + backward = 3 x forward), counted for the work
 each model's design does:
@@ -133,38 +135,35 @@ def parse_variant(variant: str) -> dict:
 
 def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, model_cfg: ModelConfig,
                 profile: bool = False) -> dict:
+    """KBERT's step is trainer.train_step itself (masking, micro-batches, loss normalisation,
+    MuonAdamW), at a fixed point of the schedules: cfg's mask rate and windows."""
     T = cfg.kbert_seq_len
     rows_per_step = cfg.tokens_per_step // T
-    accum = rows_per_step // micro
     model = KBERT(model_cfg).to(device)
-    t = trainer.TrainConfig()
+    t = trainer.TrainConfig(micro_batch_seqs=micro, mask_rate_start=cfg.mask_rate, mask_rate_end=cfg.mask_rate,
+                            local_window_start=cfg.window_local, local_window_end=cfg.window_local,
+                            global_window_start=cfg.window_global, global_window_end=cfg.window_global)
     opt = trainer.build_optimizer(model, t)
     forward = trainer.make_forward(model, compile=cfg.compile and device.type == "cuda")
-    windows = torch.tensor([cfg.window_local, cfg.window_global], dtype=torch.int32, device=device)
+    dist = common.Dist(rank=0, local_rank=0, world=1, device=device)
     data = kbert_batches(cfg, 2 * rows_per_step)  # two steps' worth of distinct batches, rotated
-    batches = [torch.from_numpy(data[i:i + micro]).to(device).long() for i in range(0, len(data), micro)]
-    masked = [trainer.mask_tokens(b, i * micro, 0, cfg.mask_rate, 0.1, 0.1) for i, b in enumerate(batches)]
-    state = {"i": 0}
+    halves = [data[:rows_per_step], data[rows_per_step:]]
+    outs, state = [None, None], {"i": 0}
 
     def step():
-        for _ in range(accum):
-            inputs, labels = masked[state["i"] % len(masked)]
-            state["i"] += 1
-            loss, _, _ = forward(inputs, labels, windows)
-            (loss / accum).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        k = state["i"] % 2
+        outs[k] = trainer.train_step(model, opt, forward, halves[k], k * rows_per_step, t.steps // 2, t, dist)
+        state["i"] += 1
 
     dt, mem = time_steps(step, cfg, device)
-    # per-step averages over the two steps' worth of data that the timing rotated through
-    n_pred = sum(int((lab >= 0).sum()) for _, lab in masked) / 2
-    lengths = trainer.document_lengths(data)
-    flops = trainer.training_flops(model.cfg, cfg.tokens_per_step, n_pred, trainer.attention_pairs(lengths, cfg.window_local) / 2,
-                                   trainer.attention_pairs(lengths, cfg.window_global) / 2)
-    result = {"model": label, "params": model.param_counts()["total"],
-              "tokens_per_step": cfg.tokens_per_step, "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000,
-              "tokens_per_s": cfg.tokens_per_step / dt, "flops_per_step": flops, "mfu": flops / dt / peak,
-              "peak_mem_gib": mem, "mean_doc_len": float(lengths.mean())}
+    # per-step means over the batches the timing rotated through, in real (non-[PAD]) tokens
+    seen = [(h, o) for h, o in zip(halves, outs) if o is not None]
+    real = sum(o["real_tokens"] for _, o in seen) / len(seen)
+    flops = sum(trainer.step_flops(model.cfg, h, o["n_predicted"], o["windows"]) for h, o in seen) / len(seen)
+    result = {"model": label, "params": model.param_counts()["total"], "tokens_per_step": cfg.tokens_per_step,
+              "real_tokens_per_step": real, "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000,
+              "tokens_per_s": real / dt, "flops_per_step": flops, "mfu": flops / dt / peak,
+              "peak_mem_gib": mem, "mean_doc_len": float(trainer.document_lengths(data).mean())}
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -309,7 +308,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, measured matmul peak {peak / 1e12:.1f} TFLOP/s")
     # one entry per (model, micro-batch); every model's first size runs, the rest of the sweep
-    # only while the time budget lasts (compiles dominate on a short GPU lease)
+    # only while the time budget lasts (compiles dominate a short GPU run)
     jobs = []
     kbert_micros = [int(m) for m in cfg.kbert_micro.split(",") if (cfg.tokens_per_step // cfg.kbert_seq_len) % int(m) == 0]
     variant_jobs = []  # timed after the baselines: a killed run still has the ratio to ModernBERT

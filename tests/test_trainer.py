@@ -1,5 +1,7 @@
 """Pretraining pipeline: shards, packing loader, masking, 1 vs 2 processes, resume,
 export/load, bad inputs."""
+import dataclasses
+import json
 import math
 import os
 import re
@@ -81,6 +83,8 @@ def test_shard_round_trip_and_header_errors(tmp_path):
 
 
 def test_loader_packs_every_token_exactly_once(shards):
+    """Rows are full: a document that does not fit fills the row and continues in the next one
+    behind an inserted [CLS]; no [PAD] in a looping stream, every token once and in order."""
     files = sorted(str(p) for p in shards.glob("syn_train_*.bin"))
     source = np.concatenate([np.asarray(open_shard(f)) for f in files])
     loader = trainer.PackedLoader(files, seq_len=128, seed=3, shuffle=False)
@@ -88,11 +92,11 @@ def test_loader_packs_every_token_exactly_once(shards):
     while loader.epoch == 0:
         seqs.append(loader.next_sequence())
     seqs = np.stack(seqs)
+    padding = (seqs == PAD_ID).mean()
+    print(f"padding fraction {padding:.4f} over {len(seqs)} sequences of 128 (synthetic documents of 2-300 tokens)")
     assert loader.seq_index == len(seqs)
     assert (seqs[:, 0] == CLS_ID).all()  # every row starts a document
-    for row in seqs:  # padding only at the end of a row
-        pad = np.flatnonzero(row == PAD_ID)
-        assert pad.size == 0 or (pad == np.arange(pad[0], 128)).all()
+    assert padding == 0
     got = seqs[(seqs != CLS_ID) & (seqs != PAD_ID)]
     src = source[source != CLS_ID]
     n = len(src)  # the last sequence may continue into epoch 1, which starts over
@@ -106,8 +110,29 @@ def test_loader_packs_every_token_exactly_once(shards):
             toks = row[(docs[r] == d) & (row != CLS_ID) & (row != PAD_ID)]
             if toks.size:
                 assert len(np.unique(doc_of[toks])) == 1 and (np.diff(toks) == 1).all()
-    padding = (seqs == PAD_ID).mean()
-    print(f"padding fraction {padding:.3f} over {len(seqs)} sequences")
+    # a finite pass (validation) pads its last row only, and stops there
+    once = trainer.PackedLoader(files, seq_len=128, shuffle=False, loop=False)
+    rows = []
+    while not once.exhausted:
+        rows.append(once.next_sequence())
+    rows = np.stack(rows)
+    assert not (rows[:-1] == PAD_ID).any() and (rows[-1] == PAD_ID).any()
+    assert np.array_equal(rows[(rows != CLS_ID) & (rows != PAD_ID)], src)
+
+
+def test_loader_fills_rows_of_real_shards(tmp_path, tok):
+    """< 1% [PAD] in 8,192-token rows of real prose (bench/packing.py measures the same on any
+    shards); only the last row of the finite pass holds [PAD]."""
+    from bench import packing
+    from conftest import shared_path
+
+    texts = [json.loads(line)["text"] for name in ("fineweb_edu/sample.jsonl", "prose/us_presidential_speeches.jsonl")
+             for line in open(shared_path("data", *name.split("/")))]
+    write_shard(str(tmp_path / "prose_000000.bin"), np.concatenate(tok.encode_documents(texts)))
+    r = packing.measure([str(tmp_path / "prose_000000.bin")], 8192)
+    print(f"real prose ({r['source_documents']} documents, {r['tokens']:,} tokens): [PAD] {100 * r['pad_fraction']:.3f}% "
+          f"({100 * r['pad_fraction_before_last_row']:.3f}% before the last row), {r['rows']} rows")
+    assert r["pad_fraction"] < 0.01 and r["pad_fraction_before_last_row"] == 0
 
 
 def test_loader_is_deterministic_and_resumable(shards):
@@ -162,11 +187,25 @@ def test_masking_statistics_and_rank_independence():
         assert abs(got - want) < 0.01  # within one percentage point ...
         assert abs(got - want) < 4 * (want * (1 - want) / n) ** 0.5 + 1e-4  # ... and within 4 sigma of a fair coin
     assert torch.equal(inputs[~sel], ids[~sel])
+    assert ((inputs[sel] < CLS_ID) | (inputs[sel] == MASK_ID)).all()  # a random replacement is never a special token
     # the same global rows get the same masks however the batch is split across ranks
     part_in, part_lab = trainer.mask_tokens(ids[10:20], 1010, seed=7, mask_rate=0.3, random_frac=0.1, keep_frac=0.1)
     assert torch.equal(part_in, inputs[10:20]) and torch.equal(part_lab, labels[10:20])
     other, _ = trainer.mask_tokens(ids, 1000, seed=8, mask_rate=0.3, random_frac=0.1, keep_frac=0.1)
     assert not torch.equal(other, inputs)
+
+
+def test_random_replacement_never_reaches_special_ids(monkeypatch):
+    """At the top of the uniform range (u -> 1, which float32 rounds to exactly 1.0) a random
+    replacement must still be an ordinary GPT-2 id, < 50,256 ([CLS])."""
+    top = torch.tensor(1 - 2**-30, dtype=torch.float64).float()  # == 1.0 in float32
+    monkeypatch.setattr(trainer, "position_uniforms", lambda pos, seed, n: [torch.zeros(pos.shape), torch.zeros(pos.shape),
+                                                                              torch.full(pos.shape, top.item())])
+    ids = torch.randint(0, CLS_ID, (2, 64))
+    inputs, labels = trainer.mask_tokens(ids, 0, seed=0, mask_rate=0.5, random_frac=0.5, keep_frac=0.0)
+    assert (labels == ids).all()  # every position selected, every one replaced at random
+    print("replacement ids at u = 1.0:", inputs.unique().tolist())
+    assert (inputs < CLS_ID).all() and (inputs == CLS_ID - 1).all()
 
 
 def test_schedules():
@@ -178,8 +217,106 @@ def test_schedules():
     assert all(w % 128 == 0 for w in trainer.windows_at(20, t))
     assert trainer.masking_at(99, t)[0] == pytest.approx(t.mask_rate_end)
     t2 = trainer.TrainConfig(steps=100, batch_tokens=1 << 19, batch_tokens_start=1 << 17, batch_warmup_frac=0.2)
-    sizes = [trainer.batch_seqs_at(s, t2, 8192, 16) for s in (0, 10, 20, 50)]
-    assert sizes[0] == 16 and sizes[-1] == 64 and sizes == sorted(sizes) and all(s % 16 == 0 for s in sizes)
+    sizes = [trainer.batch_seqs_at(s, t2, 8192) for s in (0, 5, 10, 20, 50)]
+    assert sizes == [16, 28, 40, 64, 64]  # whole sequences on the straight line 16 -> 64, whatever the world size
+
+
+def test_rank_chunks_deal_every_row_once():
+    for n_rows, micro, world in ((8, 2, 1), (8, 2, 2), (5, 2, 2), (1, 2, 2), (24, 8, 8), (7, 3, 4)):
+        chunks = [trainer.rank_chunks(n_rows, micro, world, r) for r in range(world)]
+        rows = sorted(i for per_rank in chunks for lo, hi in per_rank for i in range(lo, hi))
+        assert rows == list(range(n_rows)) and all(0 < hi - lo <= micro for c in chunks for lo, hi in c)
+    assert trainer.rank_chunks(5, 2, 2, 0) == [(0, 2), (4, 5)] and trainer.rank_chunks(5, 2, 2, 1) == [(2, 4)]
+    assert trainer.rank_chunks(1, 2, 2, 1) == []  # an idle rank during batch warm-up
+
+
+# -- the training step --------------------------------------------------------------------
+
+
+def step_setup(shards, micro, n_rows=8, seed=0, **train):
+    """A tiny model, its optimizer and one global batch of the synthetic shards (documents of
+    uneven length, so micro-batches predict different numbers of tokens)."""
+    import common
+
+    files = sorted(str(p) for p in shards.glob("syn_train_*.bin"))
+    batch, first = trainer.PackedLoader(files, 128, seed=seed).next_batch(n_rows)
+    t = trainer.TrainConfig(micro_batch_seqs=micro, steps=10, **train)
+    model = KBERT(ModelConfig(preset="tiny", local_window=32, global_window=128))
+    model.init_weights(seed=seed)
+    with torch.no_grad():  # non-zero output projections: every matrix gets a gradient
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    return model, trainer.build_optimizer(model, t), batch, first, t, common.Dist(0, 0, 1, torch.device("cpu"))
+
+
+def test_gradient_is_independent_of_the_micro_batch_size(shards):
+    """The loss is normalised by the predicted tokens of the whole batch, so cutting the same
+    8 rows into micro-batches of 1, 2 or 8 gives the same gradient (fp32)."""
+    grads, losses_seen, counts = {}, {}, {}
+    for micro in (8, 2, 1):
+        model, opt, batch, first, t, d = step_setup(shards, micro)
+        forward = trainer.make_forward(model, compile=False, precision="fp32")
+        out = trainer.train_step(model, opt, forward, batch, first, 5, t, d)
+        grads[micro] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        losses_seen[micro] = out["loss"]
+        counts[micro] = [int((trainer.mask_tokens(torch.from_numpy(batch[i:i + 1]).long(), first + i, t.seed,
+                                                 *trainer.masking_at(5, t))[1] >= 0).sum()) for i in range(8)]
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    flat = {m: torch.cat([g.flatten() for g in grads[m].values()]) for m in grads}
+    whole = {m: rel(flat[m], flat[8]) for m in (1, 2)}
+    matrices = {m: max(rel(grads[m][n], grads[8][n]) for n in grads[8] if grads[8][n].ndim == 2) for m in (1, 2)}
+    gains = {m: max(rel(grads[m][n], grads[8][n]) for n in grads[8] if grads[8][n].ndim < 2) for m in (1, 2)}
+    print(f"predicted tokens per row {counts[8]}; loss {losses_seen}; relative gradient difference to micro-batch 8: "
+          f"whole gradient {whole}, worst matrix {matrices}, worst gain {gains}")
+    assert len(set(counts[8])) > 1  # the micro-batches do differ in predicted tokens
+    assert all(torch.count_nonzero(g) for g in grads[8].values())
+    assert max(whole.values()) < 1e-6 and max(matrices.values()) < 1e-6
+    # the scalar gains' gradients are sums over every position with much cancellation (their
+    # norms are ~1e-3 of the embedding's): fp32 rounding alone leaves ~1e-5 there
+    assert max(gains.values()) < 1e-4
+    assert losses_seen[1] == pytest.approx(losses_seen[8], rel=1e-6)
+
+
+def test_resume_with_new_learning_rates_uses_them(shards, monkeypatch):
+    """A resume command's learning rates take effect: the resumed step equals a fresh optimizer
+    loaded with the checkpoint's state and run at the new rates, not the old run's step."""
+    import common
+
+    monkeypatch.chdir(shards)
+    trainer.main(base_args(shards, "lr", steps=6) + ["--train.val_every", "0"])
+    ckpt = shards / "ck" / "lr" / "step_0000003.pt"
+    low = {"lr_muon": 0.004, "lr_embed": 0.0005, "lr_scalar": 0.002}
+    resumed = trainer.main(["--train.resume", str(ckpt), "--train.run_id", "lr-low", "--train.save_every", "1",
+                            "--train.keep_checkpoints", "5"] + [f"--train.{k}={v}" for k, v in low.items()])
+    after = torch.load(shards / "ck" / "lr-low" / "step_0000004.pt", weights_only=True)["model"]
+
+    def one_step_from_checkpoint(**lrs):
+        state = torch.load(ckpt, weights_only=True)
+        hp = trainer.parse_args([], saved=state["config"])
+        t = dataclasses.replace(hp.train, **lrs)
+        model = KBERT(hp.model)
+        model.load_state_dict(state["model"])
+        opt = trainer.build_optimizer(model, t)  # a fresh optimizer at these rates ...
+        opt.load_state_dict(state["optimizer"])  # ... loaded with the checkpoint's state
+        loader = trainer.PackedLoader(trainer.shard_files(hp.data.train_files, "training"), hp.data.seq_len, seed=t.seed)
+        loader.load_state_dict(state["loader"])
+        batch, first = loader.next_batch(trainer.batch_seqs_at(3, t, hp.data.seq_len))
+        forward = trainer.make_forward(model, compile=False, precision=t.precision)
+        trainer.train_step(model, opt, forward, batch, first, 3, t, common.Dist(0, 0, 1, torch.device("cpu")))
+        return model.state_dict()
+
+    fresh_low, old_rates = one_step_from_checkpoint(**low), one_step_from_checkpoint()
+    diff_low = max((after[k] - fresh_low[k]).abs().max().item() for k in after)
+    diff_old = max((after[k] - old_rates[k]).abs().max().item() for k in after)
+    print(f"resumed step 4 vs fresh optimizer at the new rates: max abs diff {diff_low:.2e}; "
+          f"vs the checkpoint's rates: {diff_old:.2e}")
+    assert diff_low == 0 and diff_old > 1e-4
+    text = open(resumed["log"]).read()
+    assert "train.lr_muon: 0.02 -> 0.004" in text and "train.lr_embed: 0.002 -> 0.0005" in text
+    assert re.search(r"^step:4/6 loss:\S+ gnorm:\S+ lr_muon:0.004 lr_embed:0.0005 lr_scalar:0.002 ", text, re.M)
 
 
 # -- training runs ------------------------------------------------------------------------
@@ -198,14 +335,19 @@ def test_resume_gives_identical_losses(shards, monkeypatch):
     assert resumed["val"]["loss"] == full["val"]["loss"]
     # a kill mid-write leaves a partial newer file: the folder resume skips it and says so
     open(ck / "step_0000009.pt", "wb").write(b"garbage from an interrupted write")
-    state = trainer.load_checkpoint(str(ck), print)
-    assert state["step"] == 6
+    notes = []
+    state = trainer.load_checkpoint(str(ck), notes.append)
+    assert state["step"] == 6 and "step_0000009.pt" in notes[0]
 
 
 def test_one_vs_two_processes_same_losses(shards):
+    """With the batch-size warm-up on (1, 4, 8, 8 sequences: on 2 processes rank 1 idles at
+    step 1 and the ranks get unequal rows later), 1 and 2 processes run the same batches and
+    reach the same losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    args = base_args(shards, "x", steps=4) + ["--train.val_every", "0", "--train.save_every", "0"]
-    runs = {}
+    args = base_args(shards, "x", steps=4) + ["--train.val_every", "0", "--train.save_every", "0",
+                                              "--train.batch_tokens_start", "128", "--train.batch_warmup_frac", "0.5"]
+    runs, tokens = {}, {}
     for n in (1, 2):
         a = [x if x != "x" else f"np{n}" for x in args]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=29541",
@@ -213,8 +355,10 @@ def test_one_vs_two_processes_same_losses(shards):
         r = subprocess.run(cmd, cwd=shards, env=env, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         runs[n] = [float(v) for v in re.findall(r"^step:\d+/4 loss:([\d.]+)", r.stdout, re.M)]
-    print("1 process: ", runs[1])
-    print("2 processes:", runs[2])
+        tokens[n] = [int(v) for v in re.findall(r"^step:\d+/4 loss:.* real_tokens:(\d+)", r.stdout, re.M)]
+    print("1 process:  ", runs[1], tokens[1])
+    print("2 processes:", runs[2], tokens[2])
+    assert tokens[1] == tokens[2] == [128, 512, 1024, 1024]
     assert len(runs[1]) == 4 and np.allclose(runs[1], runs[2], rtol=0, atol=2e-4)
 
 
@@ -233,7 +377,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(shards, monkeypatch):
         trainer.main(base_args(shards, "nan") + ["--train.val_every", "0"])
     assert e.value.code == 2
     assert sorted(os.listdir(shards / "ck" / "nan")) == ["step_0000003.pt"]
-    assert "loss is nan" in open(shards / "logs" / "nan.txt").read()
+    text = open(shards / "logs" / "nan.txt").read()
+    assert "loss is nan" in text and "--train.lr_muon 0.01 --train.lr_embed 0.001 (options given on resume" in text
 
 
 def test_nonfinite_gradient_with_finite_loss_stops_and_names_the_tensor(shards, monkeypatch):
@@ -283,36 +428,6 @@ def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
         trainer.load_encoder("someone/not-a-local-folder")
     with pytest.raises(FileNotFoundError, match="neither"):
         trainer.load_encoder(str(shards / "missing" / "dir"))
-
-
-def test_push_to_hub_retries_and_keeps_local_copy(tmp_path, monkeypatch):
-    import common
-
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create", repo_id))
-
-        def upload_folder(self, folder_path, repo_id, **kw):
-            calls.append(("upload", repo_id))
-            if len([c for c in calls if c[0] == "upload"]) < 2:
-                raise ConnectionError("Hub unreachable")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    lines = []
-    assert common.push_to_hub(str(tmp_path), "me/kbert-test", lines.append, retries=3, wait_s=0)
-    assert [c[0] for c in calls] == ["create", "upload", "create", "upload"]
-    assert "attempt 1/3" in lines[0] and "pushed" in lines[-1]
-    calls.clear()
-    monkeypatch.setattr(FakeApi, "upload_folder", lambda self, **kw: (_ for _ in ()).throw(OSError("down")))
-    lines.clear()
-    assert not common.push_to_hub(str(tmp_path), "me/kbert-test", lines.append, retries=2, wait_s=0)
-    assert "export is safe" in lines[-1] and os.path.isdir(tmp_path)
-    assert not any("hf_secret_token_value" in line for line in lines)
 
 
 def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
