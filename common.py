@@ -231,21 +231,37 @@ def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
     return config, load_file(os.path.join(folder, "model.safetensors"))
 
 
+def _redact_hub_tokens(text: str) -> str:
+    """text with every Hub token this process could send (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the
+    `huggingface-cli login` one) masked: error messages of HTTP clients may quote it."""
+    tokens = {os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}
+    try:
+        from huggingface_hub import get_token
+
+        tokens.add(get_token())
+    except Exception:  # an old huggingface_hub without get_token, or an unreadable token file
+        pass
+    for token in sorted(filter(None, tokens), key=len, reverse=True):  # longest first: no half-masked token
+        text = text.replace(token, "hf_***")
+    return text
+
+
 def push_to_hub(folder: str, repo_id: str, log, retries: int = 3, wait_s: float = 5.0) -> bool:
     """Upload a folder to a Hub model repo (token from HF_TOKEN or `huggingface-cli login`;
-    it is never printed). Retried; a failure is reported and the local folder is kept."""
+    masked in everything logged). Retried; a failure, even of the client's construction, is
+    reported and the local folder is kept."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
     for attempt in range(1, retries + 1):
         try:
+            api = HfApi()
             api.create_repo(repo_id, repo_type="model", exist_ok=True)
             api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                               commit_message=f"KBERT export from {os.path.basename(folder)}")
             log(f"pushed {folder} to https://huggingface.co/{repo_id}")
             return True
-        except Exception as e:
-            log(f"push to {repo_id} failed (attempt {attempt}/{retries}): {type(e).__name__}: {str(e)[:200]}")
+        except Exception as e:  # masked before the cut, which could otherwise keep half a token
+            log(f"push to {repo_id} failed (attempt {attempt}/{retries}): {type(e).__name__}: {_redact_hub_tokens(str(e))[:200]}")
             if attempt < retries:
                 time.sleep(wait_s * attempt)
     log(f"giving up on the push; the export is safe at {folder} (push it later with huggingface-cli upload {repo_id} {folder})")

@@ -6,8 +6,9 @@
 
 Data are local files in the Hub schema (data/download_glue.py, data/download_squad.py).
 GLUE examples are packed several to a row with document masks (each read at its own
-[CLS]); SQuAD questions become 384-token windows with stride 128. Metrics are the ones the
-literature reports; the SQuAD v2 scorer reproduces the official evaluate-v2.0.py exactly.
+[CLS]); SQuAD questions become 384-token windows that share 128 context tokens with the
+next. Metrics are the ones the literature reports; the SQuAD v2 scorer reproduces the
+official evaluate-v2.0.py exactly.
 Sections: tasks and metrics -> SQuAD scorer -> hyperparameters -> data -> model ->
 training and evaluation -> main.
 """
@@ -251,7 +252,9 @@ class FinetuneConfig:
     lr: float = 5e-5  # ModernBERT's MNLI choice (sweep 1e-5..8e-5)
     head_lr: float = 0.0  # 0: same as lr
     muon_lr: float = 0.002  # hidden matrices when optimizer=muon
-    weight_decay: float = 5e-6  # ModernBERT's MNLI choice
+    weight_decay: float = 5e-6  # ModernBERT's MNLI choice, with its semantics (composer's DecoupledAdamW): each step
+    # shrinks a weight by weight_decay x the schedule multiplier (lr_t / lr), whatever the lr. adamw decays every
+    # parameter; muon only the hidden matrices (embeddings, gains and head not at all, as in pretraining)
     betas: str = "0.9,0.98"  # ModernBERT's finetuning betas
     warmup_frac: float = 0.1  # linear warm-up, then linear decay to 0
     epochs: float = 1.0
@@ -259,16 +262,17 @@ class FinetuneConfig:
     max_len: int = 256  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
     pack_len: int = 1024  # GLUE row length into which examples are packed (multiple of 128)
     squad_max_len: int = 384  # window length (question + context)
-    doc_stride: int = 128  # overlap between consecutive context windows
+    doc_stride: int = 128  # context tokens shared by consecutive windows (HF run_qa's meaning); must be below the
+    # context budget squad_max_len - max_query_len - 3, or the windows could not advance
     max_query_len: int = 64
     max_answer_len: int = 30  # tokens
     n_best: int = 20  # start/end candidates per window
     null_threshold: float = 0.0  # predict no answer when null score - best span score > this (HF run_qa: 0)
     dropout: float = 0.1  # classifier and block dropout
-    seeds: str = "0"  # comma-separated: one run per seed, median and spread reported
+    seeds: str = "0"  # comma-separated: one run per seed, median and spread reported, the median seed pushed
     eval_batch_size: int = 64
     out_dir: str = "finetuned"  # predictions, metrics and the model: finetuned/<run_id>/
-    hf_repo: str = ""  # push the finetuned model (with its metrics card) to this Hub repo
+    hf_repo: str = ""  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
     run_id: str = ""
     compile: bool = False  # CUDA only. Off by default: on torch 2.11 inductor failed to build the fused BlockMask +
     # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct.
@@ -348,11 +352,23 @@ def glue_batch(examples: list[dict], pack_len: int, device, round_rows: bool = F
     return torch.from_numpy(ids).to(device), torch.tensor(cls_pos, device=device), order
 
 
+def check_doc_stride(cfg: FinetuneConfig):
+    """The longest question leaves squad_max_len - max_query_len - 3 ([CLS], 2 x [SEP]) context
+    tokens per window; consecutive windows share doc_stride of them, so they must be fewer."""
+    budget = cfg.squad_max_len - cfg.max_query_len - 3
+    if budget <= cfg.doc_stride:
+        raise SystemExit(f"--train.doc_stride {cfg.doc_stride} (the overlap of consecutive windows) must be below the "
+                         f"context budget {budget} = --train.squad_max_len {cfg.squad_max_len} - --train.max_query_len "
+                         f"{cfg.max_query_len} - 3; lower doc_stride or max_query_len, or raise squad_max_len")
+
+
 def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bool = False) -> list[dict]:
-    """Windows `[CLS] question [SEP] context piece [SEP]` of squad_max_len tokens, the
-    context pieces overlapping by doc_stride. Labels: token indices of the answer's first
-    and last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
+    """Windows `[CLS] question [SEP] context piece [SEP]` of squad_max_len tokens, each
+    context piece sharing doc_stride tokens with the next (Hugging Face run_qa's stride), so
+    every context token is in some window. Labels: token indices of the answer's first and
+    last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
     entirely inside the window."""
+    check_doc_stride(cfg)
     feats, encoded = [], {}  # a context is shared by many questions: tokenize it once
     for n, row in enumerate(rows):
         for k in ("id", "context", "question", "answers"):
@@ -385,6 +401,7 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
             end_char = start_char + len(text)
             first = next(i for i, sp in enumerate(spans) if sp[1] > start_char)
             last = next(i for i in reversed(range(len(spans))) if spans[i][0] < end_char)
+        step = budget - cfg.doc_stride  # >= 1: a question of at most max_query_len leaves at least the checked budget
         offset = 0
         while True:
             piece = slice(offset, min(offset + budget, len(c_ids)))
@@ -397,7 +414,7 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
                           "spans": spans[piece], "context": context})
             if piece.stop >= len(c_ids):
                 break
-            offset += cfg.doc_stride
+            offset += step
     return feats
 
 
@@ -473,36 +490,56 @@ def make_head(task: str, d_model: int, dropout: float = 0.1):
     return SpanHead(d_model) if task in SQUAD else ClassificationHead(d_model, GLUE[task].n_labels, dropout)
 
 
+def decoupled_decay(weight_decay: float, lr: float) -> float:
+    """The group weight decay that makes MuonAdamW's shrink per step (lr_t x group decay, torch
+    semantics) equal composer's DecoupledAdamW one, weight_decay x lr_t / lr: ModernBERT's
+    finetuning recipe, where the decay follows the schedule but not the lr's size."""
+    return weight_decay / lr if lr else 0.0  # lr 0: the weights never move, nothing to decay
+
+
 def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
     betas = tuple(float(b) for b in cfg.betas.split(","))
     head_lr = cfg.head_lr or cfg.lr
-    if cfg.optimizer == "muon":
-        t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr, weight_decay=cfg.weight_decay,
-                                adam_betas=cfg.betas)
+    if cfg.optimizer == "muon":  # trainer's groups: weight decay on the Muon matrices only
+        t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr,
+                                weight_decay=decoupled_decay(cfg.weight_decay, cfg.muon_lr), adam_betas=cfg.betas)
         return trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
     if cfg.optimizer != "adamw":
         raise SystemExit(f"--train.optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
     groups = [dict(kind="adamw", params=list(model.encoder.parameters()), lr=cfg.lr, betas=betas, eps=1e-6,
-                   weight_decay=cfg.weight_decay),
+                   weight_decay=decoupled_decay(cfg.weight_decay, cfg.lr)),
               dict(kind="adamw", params=list(model.head.parameters()), lr=head_lr, betas=betas, eps=1e-6,
-                   weight_decay=cfg.weight_decay)]
+                   weight_decay=decoupled_decay(cfg.weight_decay, head_lr))]
     for g in groups:
         g["initial_lr"] = g["lr"]
     return MuonAdamW(groups, params_expected=list(model.parameters()))
 
 
+def model_card(task: str, cfg: FinetuneConfig, metrics_md: str) -> str:
+    return (f"---\nlibrary_name: kbert\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
+            f"Base model: `{cfg.base_model}`. Labels: {LABEL_NAMES.get(task, ['start', 'end'])}.\n\n## Metrics\n"
+            f"{metrics_md}\n\n## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
+
+
+def seeds_table(per_seed: list[dict], summary: dict) -> str:
+    """Markdown: one row per seed, then median, min, max and std, one column per split/metric."""
+    cols = [(name, *name.rsplit("/", 1)) for name in summary]  # (name, split, metric)
+    lines = ["| seed | " + " | ".join(name for name, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {r['seed']} | " + " | ".join(f"{r[split][k]:.2f}" for _, split, k in cols) + " |" for r in per_seed]
+    lines += [f"| {label} | " + " | ".join(f"{summary[name][stat]:.2f}" for name, _, _ in cols) + " |"
+              for label, stat in (("median", "median"), ("min", "min"), ("max", "max"), ("std (population)", "std"))]
+    return "\n".join(lines)
+
+
 def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cfg: FinetuneConfig, log):
+    """One seed's model with a card of its own metrics (run_task rewrites the median seed's card)."""
     state = dict(model.encoder.state_dict())
     state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     config = {"architecture": "KBERT", "model": model.encoder.cfg.to_dict(), "task": task,
               "labels": LABEL_NAMES.get(task, ["start", "end"]), "base_model": cfg.base_model, "metrics": metrics}
-    card = (f"---\nlibrary_name: kbert\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
-            f"Base model: `{cfg.base_model}`. Labels: {config['labels']}.\n\n## Metrics\n```json\n"
-            f"{json.dumps(metrics, indent=2)}\n```\n\n## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
+    card = model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```")
     common.save_pretrained(folder, state, config, card)
     log(f"saved finetuned model to {folder}")
-    if cfg.hf_repo:
-        common.push_to_hub(folder, cfg.hf_repo, log)
 
 
 def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
@@ -513,6 +550,26 @@ def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
     head = make_head(task, encoder.cfg.d_model)
     head.load_state_dict(config.pop("extra_state"))
     return TaskModel(encoder, head), config
+
+
+def seed_summary(per_seed: list[dict], splits) -> dict:
+    """"split/metric" -> median, min, max, std and n over the seeds' results (throughput and
+    threshold entries left out). std is the population one (divides by n): the spread of
+    these seeds, defined for a single seed too."""
+    out = {}
+    for split in splits:
+        keys = [k for k, v in per_seed[0][split].items() if isinstance(v, (int, float)) and "per_s" not in k and "thresh" not in k]
+        for k in keys:
+            vals = [r[split][k] for r in per_seed]
+            out[f"{split}/{k}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                   "std": statistics.pstdev(vals), "n": len(vals)}
+    return out
+
+
+def median_seed(per_seed: list[dict], split: str, metric: str) -> dict:
+    """The result of the seed with the median metric; for an even count the lower of the two
+    middle ones, so the model pushed never scores above the median it is reported with."""
+    return sorted(per_seed, key=lambda r: r[split][metric])[(len(per_seed) - 1) // 2]
 
 
 # ----------------------------------------------------------------------------------------
@@ -695,19 +752,26 @@ def run_task(task: str, cfg: FinetuneConfig) -> dict:
         per_seed.append(result)
         if d.master:
             export_finetuned(model, task, result, os.path.join(out_root, f"seed{seed}", "model"), cfg, log)
-    summary = {"task": task, "run_id": run_id, "seeds": per_seed, "summary": {}}
-    for split in eval_items:
-        keys = [k for k, v in per_seed[0][split].items() if isinstance(v, (int, float)) and "per_s" not in k and "thresh" not in k]
-        for k in keys:
-            vals = [r[split][k] for r in per_seed]
-            summary["summary"][f"{split}/{k}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                                                  "std": statistics.pstdev(vals), "n": len(vals)}
+    summary = {"task": task, "run_id": run_id, "seeds": per_seed, "summary": seed_summary(per_seed, eval_items)}
     for name, s in summary["summary"].items():
-        log(f"{name}: median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}, n={s['n']})")
+        log(f"{name}: median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}, std {s['std']:.2f}, n={s['n']})")
     if d.master:
         os.makedirs(out_root, exist_ok=True)
         json.dump(summary, open(os.path.join(out_root, "metrics.json"), "w"), indent=2)
         log(f"metrics: {os.path.join(out_root, 'metrics.json')}")
+        # one model per repo: the median seed by the headline (the first split's first metric:
+        # Task.metrics[0] for GLUE, exact for SQuAD), its card holding every seed's numbers
+        split = next(iter(eval_items))
+        metric = next(iter(per_seed[0][split]))
+        chosen = median_seed(per_seed, split, metric)
+        folder = os.path.join(out_root, f"seed{chosen['seed']}", "model")
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            middle = " (the lower of the two middle seeds)" if len(seeds) % 2 == 0 else ""
+            f.write(model_card(task, cfg, f"{len(seeds)} seed(s). This is seed {chosen['seed']}, the median by {split}/{metric}"
+                                          f"{middle}.\n\n{seeds_table(per_seed, summary['summary'])}"))
+        log(f"seed {chosen['seed']} has the median {split}/{metric} ({chosen[split][metric]:.2f}): {folder}")
+        if cfg.hf_repo:
+            common.push_to_hub(folder, cfg.hf_repo, log)
     common.cleanup_distributed(d)
     return summary
 
@@ -735,6 +799,8 @@ def main(argv: list[str] | None = None):
         raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
     if cfg.max_len > cfg.pack_len:
         raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
+    if task in SQUAD:
+        check_doc_stride(cfg)
     return run_task(task, cfg)
 
 

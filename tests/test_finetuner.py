@@ -73,6 +73,67 @@ def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
     assert max(len(f["ids"]) for f in feats) <= 384
 
 
+def test_squad_windows_see_every_context_token_and_overlap_by_doc_stride(tok, tmp_path, monkeypatch):
+    """A question longer than max_query_len and a context of thousands of tokens: the windows
+    cover every context token, consecutive windows share exactly doc_stride tokens (Hugging
+    Face's meaning), the answer is labelled in every window that holds it, and a doc_stride
+    that leaves a window no room to advance is refused."""
+    sentences = [f"The river passes mill number {i} on its way to the sea." for i in range(300)]
+    sentences.insert(250, "The oldest mill was built by Thomas Greene in 1847.")
+    context, answer = " ".join(sentences), "Thomas Greene"
+    row = {"id": "long", "context": context, "question": "Who " + "really " * 100 + "built the oldest mill?",
+           "answers": {"text": [answer], "answer_start": [context.index(answer)]}}
+    c_ids, spans = tok.encode_with_offsets(context)
+    token_at = {sp: i for i, sp in enumerate(spans)}
+    a0 = context.index(answer)
+    first = min(i for i, (a, b) in enumerate(spans) if b > a0)
+    last = max(i for i, (a, b) in enumerate(spans) if a < a0 + len(answer))
+    assert len(token_at) == len(spans) > 3000
+
+    def windows(cfg):
+        """feats and each window's [lo, hi) range of context token indices"""
+        feats = finetuner.squad_features([row], tok, cfg, "long.jsonl")
+        ranges = []
+        for f in feats:
+            lo = token_at[f["spans"][0]]
+            hi = lo + len(f["ids"]) - f["ctx0"] - 1
+            assert f["ids"][f["ctx0"]:-1] == c_ids[lo:hi] and f["ctx0"] == cfg.max_query_len + 2  # question truncated
+            ranges.append((lo, hi))
+        seen = np.zeros(len(c_ids), bool)
+        for lo, hi in ranges:
+            seen[lo:hi] = True
+        return feats, ranges, int((~seen).sum())
+
+    results = []  # all printed first, checked after, so a failure shows every case
+    for max_len, stride in ((128, 32), (384, 128)):  # context budget 61 and 317 tokens
+        cfg = finetuner.FinetuneConfig(squad_max_len=max_len, max_query_len=64, doc_stride=stride)
+        feats, ranges, unseen = windows(cfg)
+        overlaps = {a_hi - b_lo for (_, a_hi), (b_lo, _) in zip(ranges, ranges[1:])}
+        labelled = [f["start"] > 0 for f in feats]
+        holds = [lo <= first and last < hi for lo, hi in ranges]
+        found = [f["context"][f["spans"][f["start"] - f["ctx0"]][0]:f["spans"][f["end"] - f["ctx0"]][1]].strip()
+                 for f in feats if f["start"] > 0]  # stripped as squad_postprocess does: " Thomas" is one BPE token
+        print(f"squad_max_len {max_len}, doc_stride {stride}: {len(feats)} windows over {len(c_ids)} context tokens, "
+              f"{unseen} unseen, overlaps {sorted(overlaps)}, answer labelled in {len(found)} window(s)")
+        results.append((stride, unseen, overlaps, labelled, holds, found))
+
+    too_big = finetuner.FinetuneConfig(squad_max_len=128, max_query_len=64, doc_stride=64)  # budget 61 <= 64
+    try:
+        feats, _, unseen = windows(too_big)
+        refused = ""
+        print(f"squad_max_len 128, doc_stride 64: accepted, {len(feats)} windows, {unseen} context tokens unseen")
+    except SystemExit as e:
+        refused = str(e)
+        print(f"squad_max_len 128, doc_stride 64: refused: {refused}")
+    for stride, unseen, overlaps, labelled, holds, found in results:
+        assert unseen == 0 and overlaps == {stride} and labelled == holds and found and set(found) == {answer}
+    assert "--train.doc_stride 64" in refused and "--train.max_query_len" in refused
+    monkeypatch.chdir(tmp_path)  # main() must refuse before it writes a log or reads data
+    with pytest.raises(SystemExit, match=r"--train.doc_stride 200 .*--train.squad_max_len 256"):
+        finetuner.main(["--task", "squad", "--train.squad_max_len", "256", "--train.doc_stride", "200"])
+    assert not os.path.exists(tmp_path / "logs")
+
+
 def test_glue_metrics_match_hand_computed_values():
     pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
     assert finetuner.accuracy(pred, gold) == pytest.approx(0.6)
@@ -210,23 +271,122 @@ def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
     assert len(logs[1][0]) == 4 and logs[1] == logs[2]
 
 
-def test_regression_task_muon_optimizer_and_several_seeds(tmp_path, tok):
-    """STS-B (one output: regression, Pearson/Spearman) with the Muon option and two seeds:
-    the summary holds median, min, max over the seeds."""
+def write_stsb(path, n=48):
+    """n synthetic STS-B rows (regression labels 0..5) as jsonl."""
     rng = np.random.default_rng(0)
     rows = [{"sentence1": f"a cat sat on mat number {i}", "sentence2": "a cat " * int(rng.integers(1, 6)),
-             "label": float(rng.uniform(0, 5)), "idx": i} for i in range(48)]
-    data = tmp_path / "stsb.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run(["--task", "stsb", "--train.preset", "tiny", "--train.train_file", str(data), "--train.eval_files", str(data),
-               "--train.optimizer", "muon", "--train.seeds", "0,1", "--train.epochs", "2", "--train.batch_size", "16",
-               "--train.pack_len", "256", "--train.max_len", "64", "--train.run_id", "sts"], tmp_path)
+             "label": float(rng.uniform(0, 5)), "idx": i} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+STSB_ARGS = ["--task", "stsb", "--train.preset", "tiny", "--train.epochs", "2", "--train.batch_size", "16",
+             "--train.pack_len", "256", "--train.max_len", "64"]
+
+
+def test_regression_task_muon_optimizer_and_several_seeds(tmp_path, tok):
+    """STS-B (one output: regression, Pearson/Spearman) with the Muon option and two seeds
+    that end with different metrics: the summary spans exactly those two values."""
+    data = write_stsb(tmp_path / "stsb.jsonl")
+    out = run(STSB_ARGS + ["--train.train_file", str(data), "--train.eval_files", str(data), "--train.optimizer", "muon",
+                           "--train.seeds", "0,1", "--train.run_id", "sts"], tmp_path)
     assert [s["seed"] for s in out["seeds"]] == [0, 1]
     summary = out["summary"]["stsb/pearson"]
     vals = [s["stsb"]["pearson"] for s in out["seeds"]]
-    assert summary["n"] == 2 and summary["min"] == min(vals) and summary["max"] == max(vals)
+    print(f"pearson by seed {vals}, summary {summary}")
+    assert vals[0] != vals[1]  # the seeds really differ, so min/max/median below are not one number
+    assert summary["n"] == 2 and (summary["min"], summary["max"]) == (min(vals), max(vals)) and summary["min"] < summary["max"]
     assert set(out["seeds"][0]["stsb"]) >= {"pearson", "spearman"}
     preds = [json.loads(line) for line in open(tmp_path / "finetuned" / "sts" / "seed1" / "predictions_stsb.jsonl")]
     assert len(preds) == 48 and isinstance(preds[0]["prediction"], float)
     model, config = finetuner.load_finetuned(str(tmp_path / "finetuned" / "sts" / "seed1" / "model"))
     assert config["task"] == "stsb" and model.head.n_labels == 1
+
+
+def test_seed_summary_and_median_seed_match_hand_computed_values():
+    per_seed = [{"seed": s, "dev": {"acc": a, "f1": f, "eval_examples_per_s": 1e3 + s}}
+                for s, a, f in ((0, 80.0, 70.0), (1, 84.0, 75.0), (2, 81.0, 60.0))]
+    summary = finetuner.seed_summary(per_seed, ["dev"])
+    print(summary)
+    assert set(summary) == {"dev/acc", "dev/f1"}  # throughput is not a metric
+    # acc: mean 245/3, deviations -5/3, 7/3, -2/3, squares sum to 78/9; population std = sqrt(78/27) = sqrt(26)/3
+    assert summary["dev/acc"] == {"median": 81.0, "min": 80.0, "max": 84.0, "std": pytest.approx(np.sqrt(26) / 3), "n": 3}
+    # f1: mean 205/3, deviations 5/3, 20/3, -25/3, squares sum to 1050/9; std = sqrt(1050/27)
+    assert summary["dev/f1"] == {"median": 70.0, "min": 60.0, "max": 75.0, "std": pytest.approx(np.sqrt(1050 / 27)), "n": 3}
+    assert finetuner.median_seed(per_seed, "dev", "acc")["seed"] == 2  # 80 < 81 < 84
+    assert finetuner.median_seed(per_seed, "dev", "f1")["seed"] == 0  # 60 < 70 < 75
+    four = [{"seed": s, "dev": {"acc": a}} for s, a in ((0, 70.0), (1, 90.0), (2, 80.0), (3, 60.0))]
+    assert finetuner.seed_summary(four, ["dev"])["dev/acc"]["median"] == 75.0  # between the middle two
+    assert finetuner.median_seed(four, "dev", "acc")["seed"] == 0  # 60 < [70] < 80 < 90: the lower middle one
+    assert finetuner.seed_summary(four[:1], ["dev"])["dev/acc"] == {"median": 70.0, "min": 70.0, "max": 70.0, "std": 0.0, "n": 1}
+
+
+def test_several_seeds_push_the_median_seed_once_with_a_card_of_all(tmp_path, monkeypatch, tok):
+    """Three seeds with --train.hf_repo: one push (fake Hub), of the seed with the median
+    Pearson, whose card lists every seed's metrics and their median, min and max."""
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            uploads.append((os.path.abspath(folder_path), repo_id, open(os.path.join(folder_path, "README.md")).read()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    data = write_stsb(tmp_path / "stsb.jsonl")
+    out = run(STSB_ARGS + ["--train.train_file", str(data), "--train.eval_files", str(data), "--train.seeds", "0,1,2",
+                           "--train.hf_repo", "me/kbert-stsb", "--train.run_id", "push"], tmp_path)
+    root = tmp_path / "finetuned" / "push"
+    pearson = {s["seed"]: s["stsb"]["pearson"] for s in out["seeds"]}
+    print(f"pearson by seed {pearson}; {len(uploads)} push(es): {[os.path.relpath(u[0], root) for u in uploads]}")
+    assert all((root / f"seed{k}" / "model" / "model.safetensors").is_file() for k in (0, 1, 2))
+    assert len(set(pearson.values())) == 3
+    low, mid, high = sorted(pearson, key=pearson.get)
+    assert len(uploads) == 1
+    folder, repo, card = uploads[0]
+    assert repo == "me/kbert-stsb" and os.path.samefile(folder, root / f"seed{mid}" / "model")
+    print(card)
+    table = {}  # first cell -> {column: cell}
+    lines = [line for line in card.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header[1:], cells[1:]))
+    assert set(table) == {"0", "1", "2", "median", "min", "max", "std (population)"}
+    for k, v in pearson.items():
+        assert table[str(k)]["stsb/pearson"] == f"{v:.2f}"
+        assert table[str(k)]["stsb/spearman"] == f"{out['seeds'][k]['stsb']['spearman']:.2f}"
+    assert [table[r]["stsb/pearson"] for r in ("min", "median", "max")] == [f"{pearson[k]:.2f}" for k in (low, mid, high)]
+    assert f"seed {mid}" in card
+
+
+def test_weight_decay_is_wd_times_schedule_multiplier_whatever_the_lr():
+    """composer's DecoupledAdamW semantics: with zero gradients (Adam's and Muon's updates are
+    then exactly 0) one step at schedule multiplier 0.25 scales every decayed weight by
+    1 - wd * 0.25 = 0.9975, for an lr of 1e-5 and of 0.1 alike. optimizer=muon decays the
+    hidden matrices only (as pretraining does); its AdamW weights stay put."""
+    wd, mult = 0.01, 0.25
+    wrong = []  # all cases printed first, checked after
+    for optimizer, lrs in (("adamw", (1e-5, 0.1)), ("muon", (1e-4, 0.05))):
+        for lr in lrs:
+            cfg = finetuner.FinetuneConfig(preset="tiny", optimizer=optimizer, lr=lr, muon_lr=lr, weight_decay=wd)
+            model = finetuner.build_model(cfg, "mnli", 0)
+            opt = finetuner.build_ft_optimizer(model, cfg)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * mult  # what Runner.fit sets at this point of the schedule
+            old = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            new = dict(model.named_parameters())
+            decayed = [n for n, p in old.items() if optimizer == "adamw" or (n.startswith("encoder.blocks.") and p.ndim == 2)]
+            factor = sum((new[n] * old[n]).sum().item() for n in decayed) / sum(old[n].square().sum().item() for n in decayed)
+            print(f"{optimizer} lr {lr:g}: {len(decayed)} of {len(old)} tensors decayed, scaled by {factor:.8f} (want {1 - wd * mult})")
+            for n in old:
+                want = old[n] * (1 - wd * mult) if n in decayed else old[n]
+                if not torch.allclose(new[n].detach(), want, rtol=1e-6, atol=0):
+                    wrong.append(f"{optimizer} lr {lr:g}: {n}")
+    assert not wrong, wrong
