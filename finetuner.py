@@ -1,18 +1,21 @@
-"""Finetune and evaluate KBERT on GLUE and SQuAD (v2.0 and v1.1).
+"""Finetune and evaluate KBERT on GLUE and SQuAD (v2.0 and v1.1); score it on BLiMP.
 
     torchrun --standalone --nproc_per_node=8 finetuner.py --task mnli --train.base_model USER/kbert-base
     python finetuner.py --task squad_v2 --train.base_model exports/RUN_ID
+    python finetuner.py --task blimp --train.base_model exports/RUN_ID [--train.blimp_pairs 100]
     python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]
 
-Data are local files in the Hub schema (data/download_glue.py, data/download_squad.py).
-GLUE examples are packed several to a row with document masks (each read at its own
-[CLS]); SQuAD questions become 384-token windows that share 128 context tokens with the
-next. Metrics are the ones the literature reports; the SQuAD v2 scorer reproduces the
-official evaluate-v2.0.py exactly.
-Sections: tasks and metrics -> SQuAD scorer -> hyperparameters -> data -> model ->
-training and evaluation -> main.
+Data are local files in the Hub schema (data/download_glue.py, data/download_squad.py,
+data/download_blimp.py). GLUE examples are packed several to a row with document masks
+(each read at its own [CLS]); SQuAD questions become 384-token windows that share 128
+context tokens with the next. Metrics are the ones the literature reports; the SQuAD v2
+scorer reproduces the official evaluate-v2.0.py exactly. BLiMP needs no training: each
+minimal pair is scored by pseudo-log-likelihood.
+Sections: tasks and metrics -> SQuAD scorer -> BLiMP scorer -> hyperparameters -> data ->
+model -> training and evaluation -> main.
 """
 import collections
+import functools
 import json
 import math
 import os
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 import common
 import trainer
-from model import CLS_ID, KBERT, PAD_ID, SEP_ID, ClassificationHead, ModelConfig, SpanHead
+from model import CLS_ID, KBERT, MASK_ID, PAD_ID, SEP_ID, ClassificationHead, ModelConfig, SpanHead
 from optimizer import MuonAdamW
 
 # ----------------------------------------------------------------------------------------
@@ -236,6 +239,75 @@ def score_squad_cli(argv: list[str]):
 
 
 # ----------------------------------------------------------------------------------------
+# BLiMP scorer: pseudo-log-likelihoods of minimal pairs
+# BLiMP (Warstadt et al., TACL 2020): 67 paradigms x 1,000 pairs of a good and a bad sentence.
+# An encoder scores a sentence by its pseudo-log-likelihood (Salazar et al., ACL 2020, "Masked
+# Language Model Scoring"): mask each token in turn and add the log-probability of the true
+# one. The model comes in as a function, so KBERT and Hugging Face encoders that read the same
+# token ids are scored by the same code.
+
+
+@torch.no_grad()
+def pll_scores(log_probs_fn, sentences: list[list[int]], batch_rows: int = 64, device="cpu") -> list[float]:
+    """Pseudo-log-likelihood of each sentence `[CLS] tokens [SEP]` (Tokenizer.encode ids).
+    Each ordinary token gets a copy of the sentence of its own with it replaced by [MASK]; the
+    copies of many sentences fill batches of batch_rows rows, right-padded with [PAD].
+    log_probs_fn(ids (B, T), attention_mask (B, T) bool, False at [PAD]) returns
+    log-probabilities (B, T, V), or (B, V) at each row's [MASK] only, which spares the
+    vocabulary head the other positions. Sums are taken in float64."""
+    copies = []  # (sentence, masked position), shortest sentences first so that a batch pads little
+    for s in sorted(range(len(sentences)), key=lambda s: len(sentences[s])):
+        ids = sentences[s]
+        if len(ids) < 2 or ids[0] != CLS_ID or ids[-1] != SEP_ID or MASK_ID in ids or PAD_ID in ids:
+            raise ValueError(f"sentence {s}: expected [CLS] tokens [SEP] without [MASK] or [PAD], got {ids}")
+        copies += [(s, i) for i in range(1, len(ids) - 1) if ids[i] < CLS_ID]  # GPT-2 ids, no inner [SEP]
+    totals = [0.0] * len(sentences)
+    for k in tqdm(range(0, len(copies), batch_rows), desc="pll", unit="batch", leave=False, disable=None):
+        chunk = copies[k:k + batch_rows]
+        ids = np.full((len(chunk), max(len(sentences[s]) for s, _ in chunk)), PAD_ID, dtype=np.int64)
+        for r, (s, _) in enumerate(chunk):
+            ids[r, :len(sentences[s])] = sentences[s]
+        rows, pos = np.arange(len(chunk)), np.array([i for _, i in chunk])
+        target = torch.from_numpy(ids[rows, pos]).to(device)
+        ids[rows, pos] = MASK_ID
+        ids = torch.from_numpy(ids).to(device)
+        out = log_probs_fn(ids, ids != PAD_ID)
+        if out.dim() == 3:  # every position: keep each row's masked one
+            out = out[torch.from_numpy(rows).to(device), torch.from_numpy(pos).to(device)]
+        if out.shape[0] != len(chunk):
+            raise ValueError(f"log_probs_fn returned {tuple(out.shape)} for {len(chunk)} rows with one [MASK] each")
+        for (s, _), v in zip(chunk, out.gather(1, target[:, None])[:, 0].double().tolist()):
+            totals[s] += v
+    return totals
+
+
+def blimp_accuracy(rows: list[dict], good: list[float], bad: list[float]) -> dict:
+    """Accuracy per paradigm (UID), its mean over the paradigms (the headline, as the BLiMP
+    authors report it) and over each field's paradigms, as fractions like the authors' results
+    file. A pair is right when good > bad strictly, so a tie is wrong: BLiMP asks for a higher
+    probability for the good sentence, and Salazar et al.'s BLiMP accuracy counts
+    `float(scores[2*i]) > float(scores[2*i+1])` (awslabs/mlm-scoring, examples/lingacc-blimp/accuracy.py)."""
+    right, field = collections.defaultdict(list), {}
+    for row, g, b in zip(rows, good, bad, strict=True):
+        right[row["UID"]].append(g > b)
+        field[row["UID"]] = row["field"].replace("/", "_")  # BLiMP's principle_A_case_2 says "syntax/semantics"
+    paradigms = {uid: sum(r) / len(r) for uid, r in right.items()}
+    by_field = collections.defaultdict(list)
+    for uid, acc in paradigms.items():
+        by_field[field[uid]].append(acc)
+    return {"accuracy": statistics.fmean(paradigms.values()),
+            "fields": {f: statistics.fmean(accs) for f, accs in sorted(by_field.items())},
+            "paradigms": paradigms, "pairs": len(rows)}
+
+
+def blimp_scores(log_probs_fn, rows: list[dict], tok, batch_rows: int = 64, device="cpu") -> dict:
+    """blimp_accuracy of rows (read_blimp) under log_probs_fn, plus every pair's PLLs."""
+    pll = pll_scores(log_probs_fn, [tok.encode(r[k]) for r in rows for k in ("sentence_good", "sentence_bad")],
+                     batch_rows, device)
+    return {**blimp_accuracy(rows, pll[0::2], pll[1::2]), "pll_good": pll[0::2], "pll_bad": pll[1::2]}
+
+
+# ----------------------------------------------------------------------------------------
 # Hyperparameters
 
 
@@ -243,7 +315,8 @@ def score_squad_cli(argv: list[str]):
 class FinetuneConfig:
     base_model: str = "none"  # export folder or Hub id of a pretrained KBERT; "none": random init (tests)
     preset: str = "base"  # model preset when base_model is none
-    data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl
+    data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl;
+    # BLiMP: data/blimp/blimp.jsonl
     train_file: str = ""  # override the training file
     eval_files: str = ""  # override the evaluation files (comma-separated, named by their stem)
     max_train_examples: int = 0  # 0: all
@@ -270,7 +343,9 @@ class FinetuneConfig:
     null_threshold: float = 0.0  # predict no answer when null score - best span score > this (HF run_qa: 0)
     dropout: float = 0.1  # classifier and block dropout
     seeds: str = "0"  # comma-separated: one run per seed, median and spread reported, the median seed pushed
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # examples (GLUE), windows (SQuAD) or masked sentence copies (BLiMP) per forward
+    blimp_pairs: int = 0  # BLiMP pairs per paradigm, the first N of each in file order so that every model sees the
+    # same pairs; 0: all 1,000. With 100, the mean over paradigms has a binomial standard error of at most 0.6 points
     out_dir: str = "finetuned"  # predictions, metrics and the model: finetuned/<run_id>/
     hf_repo: str = ""  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
     run_id: str = ""
@@ -294,6 +369,35 @@ def read_jsonl(path: str) -> list[dict]:
                          "`python data/download_squad.py`, or pass --train.train_file/--train.eval_files")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+BLIMP_KEYS = ("UID", "field", "linguistics_term", "pairID", "sentence_good", "sentence_bad")
+
+
+def read_blimp(path: str, pairs_per_paradigm: int = 0) -> list[dict]:
+    """BLiMP rows, the first pairs_per_paradigm of each paradigm (UID) in file order (0: all)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} does not exist. Fetch BLiMP with `python data/download_blimp.py`, "
+                         "or pass --train.eval_files PATH")
+    rows, seen = [], collections.Counter()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if not (isinstance(row, dict) and all(k in row for k in BLIMP_KEYS) and all(
+                    isinstance(row[k], str) and row[k].strip() for k in ("UID", "field", "sentence_good", "sentence_bad"))):
+                raise SystemExit(f"{path}:{n}: a BLiMP row has the keys {', '.join(BLIMP_KEYS)}, with UID, field "
+                                 f"and both sentences non-empty strings; got {line.strip()[:200]}")
+            seen[row["UID"]] += 1
+            if not pairs_per_paradigm or seen[row["UID"]] <= pairs_per_paradigm:
+                rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path}: no BLiMP pairs in it")
+    return rows
 
 
 def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> list[dict]:
@@ -476,14 +580,27 @@ class TaskModel(torch.nn.Module):
         self.encoder, self.head = encoder, head
 
 
-def build_model(cfg: FinetuneConfig, task: str, seed: int):
-    torch.manual_seed(seed)
+def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
+    """The pretrained encoder (base_model), or a random one of cfg.preset (base_model none)."""
     if cfg.base_model == "none":
         encoder = KBERT(ModelConfig(preset=cfg.preset, dropout=cfg.dropout))
         encoder.init_weights(seed=seed)
-    else:
-        encoder, _ = trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)
+        return encoder
+    return trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)[0]
+
+
+def build_model(cfg: FinetuneConfig, task: str, seed: int):
+    torch.manual_seed(seed)
+    encoder = build_encoder(cfg, seed)
     return TaskModel(encoder, make_head(task, encoder.cfg.d_model, cfg.dropout))
+
+
+@torch.no_grad()
+def kbert_log_probs(model: KBERT, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """pll_scores' log_probs_fn for KBERT: log-probabilities (N, V) at the N [MASK] positions
+    of ids (B, T) in row order, the vocabulary head run at those positions only. attention_mask
+    is not needed: a run of [PAD] is a document of its own, which no real token attends to."""
+    return model.mlm_logits(model(ids)[ids == MASK_ID]).log_softmax(-1)
 
 
 def make_head(task: str, d_model: int, dropout: float = 0.1):
@@ -776,6 +893,39 @@ def run_task(task: str, cfg: FinetuneConfig) -> dict:
     return summary
 
 
+def run_blimp(cfg: FinetuneConfig) -> dict:
+    """Score an encoder on BLiMP, no training: out_dir/<run_id>/metrics.json (mean accuracy over
+    paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    d = common.setup_distributed(cfg.device)
+    run_id = cfg.run_id or common.new_run_id("blimp")
+    log = common.RunLog(run_id, d.master)
+    log.header([os.path.abspath(__file__)], {"task": "blimp", **common.config_to_dict(cfg)}, d.device)
+    from tokenizer import Tokenizer
+
+    path = cfg.eval_files or os.path.join(cfg.data_dir, "blimp", "blimp.jsonl")
+    rows = read_blimp(path, cfg.blimp_pairs)
+    model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
+    t0 = time.perf_counter()
+    # float32, no autocast: bf16 log-probabilities would decide close pairs by rounding
+    result = blimp_scores(functools.partial(kbert_log_probs, model), rows, Tokenizer(), cfg.eval_batch_size, d.device)
+    dt = time.perf_counter() - t0
+    good, bad = result.pop("pll_good"), result.pop("pll_bad")
+    metrics = {"task": "blimp", "run_id": run_id, "base_model": cfg.base_model, "data": path,
+               "pairs_per_paradigm": cfg.blimp_pairs, **result, "sentences_per_s": 2 * len(rows) / dt}
+    for uid, acc in result["paradigms"].items():
+        log(f"blimp {uid}: {acc:.4f}", console=False)
+    log(f"blimp accuracy:{result['accuracy']:.4f} paradigms:{len(result['paradigms'])} pairs:{len(rows)} "
+        + " ".join(f"{f}:{a:.4f}" for f, a in result["fields"].items()) + f" sentences/s:{2 * len(rows) / dt:.0f} time:{dt:.1f}s")
+    out_root = os.path.join(cfg.out_dir, run_id)
+    os.makedirs(out_root, exist_ok=True)
+    with open(os.path.join(out_root, "predictions_blimp.jsonl"), "w") as f:
+        for row, g, b in zip(rows, good, bad):
+            f.write(json.dumps({"UID": row["UID"], "pairID": row["pairID"], "pll_good": g, "pll_bad": b}) + "\n")
+    json.dump(metrics, open(os.path.join(out_root, "metrics.json"), "w"), indent=2)
+    log(f"metrics: {os.path.join(out_root, 'metrics.json')}")
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------
 # Main
 
@@ -785,16 +935,22 @@ def main(argv: list[str] | None = None):
     if argv[:1] == ["--score-squad"]:
         return score_squad_cli(argv[1:])
     if "--task" not in argv:
-        raise SystemExit("usage: finetuner.py --task {" + ",".join([*GLUE, *SQUAD]) + "} [--train.key value ...] "
+        raise SystemExit("usage: finetuner.py --task {" + ",".join([*GLUE, *SQUAD, "blimp"]) + "} [--train.key value ...] "
                          "| --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]")
     i = argv.index("--task")
     if i + 1 >= len(argv):
         raise SystemExit("--task needs a value")
     task, rest = argv[i + 1], argv[:i] + argv[i + 2:]
-    if task not in GLUE and task not in SQUAD:
-        raise SystemExit(f"unknown task {task!r}; choose one of {', '.join([*GLUE, *SQUAD])}")
+    if task not in GLUE and task not in SQUAD and task != "blimp":
+        raise SystemExit(f"unknown task {task!r}; choose one of {', '.join([*GLUE, *SQUAD, 'blimp'])}")
     overrides, _ = common.parse_overrides(rest, GROUPS)
     cfg = FinetuneConfig(**overrides["train"])
+    if task == "blimp":
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
+        if cfg.blimp_pairs < 0:
+            raise SystemExit(f"--train.blimp_pairs must be >= 0 (0: all pairs), got {cfg.blimp_pairs}")
+        return run_blimp(cfg)
     if cfg.pack_len % 128 or cfg.squad_max_len % 128:
         raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
     if cfg.max_len > cfg.pack_len:
