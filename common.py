@@ -2,12 +2,17 @@
 setup, the run log, atomic checkpoint files and the Hub-format export/load."""
 import dataclasses
 import datetime
+import difflib
 import importlib
+import inspect
 import json
 import os
 import platform
+import re
+import secrets
 import subprocess
 import sys
+import textwrap
 import time
 import typing
 
@@ -33,21 +38,74 @@ def _convert(value: str, typ, key: str):
         raise SystemExit(f"--{key}: expected {typ.__name__}, got {value!r}") from None
 
 
-def valid_keys(groups: dict) -> list[str]:
-    return [f"{g}.{f.name}" for g, cls in groups.items() for f in dataclasses.fields(cls) if f.init]
+def valid_keys(groups: dict, hidden: tuple = ()) -> list[str]:
+    return [f"{g}.{f.name}" for g, cls in groups.items() for f in dataclasses.fields(cls)
+            if f.init and f"{g}.{f.name}" not in hidden]
 
 
-def parse_overrides(argv: list[str], groups: dict, flags: tuple = ()) -> tuple[dict, set]:
+def field_docs(cls) -> dict[str, str]:
+    """Each field's description, from the comments in its dataclass's source: the field's
+    inline comment and the comment lines that continue it below, or, for a field without an
+    inline comment, the comment block right above it."""
+    docs, block, last = {}, [], None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text[1:].strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^=]*=\s*(?:[^#]|#(?=[^ ]))*?(?:\s+#\s*(.*))?$", text)
+        if not m:
+            block = []
+            continue
+        name, inline = m.groups()
+        if inline:
+            if last is not None and block:  # comment lines under the previous field's inline comment continue it
+                docs[last] += " " + " ".join(block)
+            docs[name], last = inline, name
+        else:
+            docs[name], last = " ".join(block), None
+        block = []
+    if last is not None and block:
+        docs[last] += " " + " ".join(block)
+    return docs
+
+
+def help_text(groups: dict, hidden: tuple = (), flags: dict | None = None, usage: str = "") -> str:
+    """Every option of the config groups with its type, default and description, then flags."""
+    out = [usage, ""] if usage else []
+    for g, cls in groups.items():
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        out.append(f"--{g}.* ({cls.__name__}):")
+        for f in dataclasses.fields(cls):
+            if not f.init or f"{g}.{f.name}" in hidden:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"  --{g}.{f.name} {getattr(hints[f.name], '__name__', hints[f.name])} (default: {default!r})")
+            if docs.get(f.name):
+                out.append(textwrap.fill(docs[f.name], width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        out.append("")
+    for name, doc in (flags or {}).items():
+        out.append(f"  --{name}\n" + textwrap.fill(doc, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def parse_overrides(argv: list[str], groups: dict, flags: dict | None = None, hidden: tuple = (),
+                    usage: str = "") -> tuple[dict, set]:
     """argv like ["--train.lr", "3e-4", "--model.preset=small", "--demo"] -> ({group: {key:
-    typed value}}, {flags given}). groups maps a name to its dataclass; unknown keys and
-    bad values exit with a message that lists the valid keys."""
+    typed value}}, {flags given}). groups maps a name to its dataclass; flags maps a bare flag
+    to its description. --help prints every option (hidden ones left out) and exits 0; an
+    unknown key or a bad value exits with one line that suggests the nearest option."""
+    flags = flags or {}
+    if "--help" in argv or "-h" in argv:
+        print(help_text(groups, hidden, flags, usage), end="")
+        raise SystemExit(0)
     out = {g: {} for g in groups}
     given = set()
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}; options look like --train.lr 3e-4")
+            raise SystemExit(f"unexpected argument {arg!r}; options look like --train.lr 3e-4 (--help lists them)")
         key, eq, value = arg[2:].partition("=")
         if key in flags:
             given.add(key)
@@ -57,8 +115,10 @@ def parse_overrides(argv: list[str], groups: dict, flags: tuple = ()) -> tuple[d
         hints = typing.get_type_hints(groups[group]) if group in groups else {}
         fields = {f.name for f in dataclasses.fields(groups[group]) if f.init} if group in groups else set()
         if name not in fields:
-            raise SystemExit(f"unknown option --{key}. Valid options: "
-                             + " ".join(f"--{k}" for k in valid_keys(groups)) + "".join(f" --{f}" for f in flags))
+            known = valid_keys(groups, hidden) + list(flags)
+            near = [k for k in known if k.startswith(key)][:3] or difflib.get_close_matches(key, known, n=3, cutoff=0.7)
+            hint = f"; did you mean {' or '.join('--' + k for k in near)}?" if near else ""
+            raise SystemExit(f"unknown option --{key}{hint} (--help lists every option)")
         if not eq:
             if i + 1 >= len(argv):
                 raise SystemExit(f"--{key} needs a value")
@@ -90,13 +150,27 @@ class Dist:
         return self.rank == 0
 
 
+def check_device(device: str, option: str = "--train.device") -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where torch sees a GPU: one line otherwise."""
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise SystemExit(f"{option} {device!r}: choose auto (cuda if available), cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"{option} {device}: CUDA is not available ({why}, torch {torch.__version__}); "
+                         f"use {option} cpu or auto")
+
+
 def setup_distributed(device: str = "auto") -> Dist:
+    """The process group (under torchrun) and this rank's device: under torchrun each rank takes
+    GPU LOCAL_RANK; one process takes cuda:N when asked for it."""
+    check_device(device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        index = int(device.split(":")[1]) if ":" in device and world == 1 else local_rank
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world > 1:
@@ -141,15 +215,16 @@ class RunLog:
     def __init__(self, run_id: str, master: bool, log_dir: str = "logs"):
         self.master = master
         self.path = os.path.join(log_dir, f"{run_id}.txt")
-        if master:
-            os.makedirs(log_dir, exist_ok=True)
 
-    def header(self, code_files: list[str], config: dict, device: torch.device):
+    def header(self, code_files: list[str], config: dict, device: torch.device, append: bool = False):
+        """A new log starts with the code, config, versions and hardware; append (a resumed
+        run) adds them after what the log already holds."""
         if not self.master:
             return
-        with open(self.path, "a") as f:
-            for path in code_files:
-                f.write(f"==> {path} <==\n{open(path).read()}\n")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a" if append else "w") as f:
+            for path in code_files:  # named relative to the repository: a log does not show where it was cloned
+                f.write(f"==> {os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))} <==\n{open(path).read()}\n")
             f.write("==> config <==\n" + json.dumps(config, indent=2) + "\n")
             versions = {m: getattr(sys.modules[m], "__version__", "?") for m in ("torch", "numpy", "tiktoken", "huggingface_hub") if m in sys.modules}
             f.write("==> versions <==\n" + json.dumps(versions) + "\n")
@@ -166,7 +241,27 @@ class RunLog:
 
 
 def new_run_id(prefix: str) -> str:
-    return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """prefix-date-time-xxxx: the random suffix keeps two runs started in one second apart."""
+    return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def agree(value, d: Dist):
+    """Rank 0's value on every rank (e.g. a generated run id)."""
+    if d.world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def refuse_existing_run(run_id: str, paths: list[str], resume_hint: str, d: Dist) -> None:
+    """A run id whose log, checkpoints or outputs exist belongs to an earlier run: reusing it
+    would overwrite them and append to its log. Rank 0 looks (before anything is written) and
+    every rank follows its answer."""
+    found = agree([p for p in paths if os.path.exists(p)] if d.master else None, d)
+    if found:
+        raise SystemExit(f"run id {run_id!r} is taken ({', '.join(found)}): choose another --train.run_id, "
+                         f"{resume_hint}or pass --train.overwrite true to write over it")
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,34 +278,114 @@ def atomic_torch_save(obj, path: str):
 
 
 # ----------------------------------------------------------------------------------------
-# Hub format: config.json + model.safetensors + README.md, local folder or Hub repo
+# Hub format: a Hugging Face model folder (local, or a Hub repo) that transformers loads with
+# trust_remote_code=True through hf_kbert.py, and that this repo's loaders read back
+
+EXPORT_CODE = ("model.py", "hf_kbert.py")  # the remote code an export carries: model.py verbatim + the wrapper
+ARCHITECTURES = {None: "KBertForMaskedLM", "classification": "KBertForSequenceClassification",
+                 "span": "KBertForQuestionAnswering"}  # by config["head"]; classes of hf_kbert.py
+AUTO_MAP = {"AutoConfig": "hf_kbert.KBertConfig", "AutoModel": "hf_kbert.KBertModel",
+            "AutoModelForMaskedLM": "hf_kbert.KBertForMaskedLM",
+            "AutoModelForSequenceClassification": "hf_kbert.KBertForSequenceClassification",
+            "AutoModelForQuestionAnswering": "hf_kbert.KBertForQuestionAnswering"}
 
 
-def save_pretrained(folder: str, state_dict: dict, config: dict, card: str):
-    """Write a Hub-format folder atomically (into folder.tmp, then renamed)."""
+def save_pretrained(folder: str, state_dict: dict, config: dict, card: str, max_len: int | None = None, log=print):
+    """Write an export folder atomically (into folder.tmp, then renamed):
+        config.json        transformers' config: model_type kbert, auto_map, model.py's ModelConfig
+                           fields (flat), a classification head's id2label; this repo's record
+                           of the run (config minus "model") under "kbert"
+        model.safetensors  the encoder as kbert.* (hf_kbert's base_model_prefix), a head as head.*
+        tokenizer.json, tokenizer_config.json   the fast tokenizer (tokenizer.save_hf_tokenizer)
+        model.py, hf_kbert.py                    the remote code
+        README.md          the card
+    state_dict: KBERT's, plus head.* for a task head. config: {"model": ModelConfig fields,
+    "head": "classification" or "span" (absent: the MLM head alone), "labels": the classes, and
+    anything else to record (tokens_seen, task, metrics, ...)}. max_len: the tokenizer's
+    model_max_length (default: the global window). Files 0644 and folders 0755 whatever the
+    umask, so that other users can read an export (safetensors writes 0600)."""
+    import shutil
+
     from safetensors.torch import save_file
+
+    record = {k: v for k, v in config.items() if k not in ("model", "architecture")}  # "architecture": the old format's
+    head, labels = record.get("head"), record.get("labels")
+    if head not in ARCHITECTURES or (head == "classification" and not labels):
+        raise ValueError(f"config['head'] must be one of {list(ARCHITECTURES)} (classification with its labels), got {head!r}")
+    dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    hf_config = {"model_type": "kbert", "architectures": [ARCHITECTURES[head]], "auto_map": AUTO_MAP, **config["model"],
+                 "dtype": dtype}
+    if head == "classification":
+        hf_config.update(id2label={str(i): name for i, name in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
+                         problem_type="regression" if len(labels) == 1 else "single_label_classification")
+    hf_config["kbert"] = record
 
     tmp = folder.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, os.path.join(tmp, "model.safetensors"))
+    weights = {(k if k.startswith("head.") else f"kbert.{k}"): v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(hf_config, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(card)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in EXPORT_CODE:
+        shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
+    try:  # the tokenizer needs GPT-2's BPE files (tiktoken's cache) and transformers: a run never fails over it
+        import tokenizer
+
+        tokenizer.save_hf_tokenizer(tmp, max_len or config["model"]["global_window"])
+    except (ImportError, RuntimeError) as e:
+        log(f"warning: {folder} gets no tokenizer files ({type(e).__name__}: {str(e)[:300]}). Add them later with "
+            f"python -c \"import tokenizer; tokenizer.save_hf_tokenizer('{folder}', {max_len or config['model']['global_window']})\"")
+    os.chmod(tmp, 0o755)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o644)
     if os.path.isdir(folder):
         old = folder.rstrip("/") + ".old"
         os.replace(folder, old)
         os.replace(tmp, folder)
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
 
 
+def transformers_usage(where: str, head: str | None = None) -> str:
+    """The card's "Use it with transformers" section for an export at `where` (folder or Hub id);
+    tests/test_export.py runs its code."""
+    if head is None:
+        code = (f'from transformers import AutoModel, AutoTokenizer, pipeline\n\n'
+                f'fill = pipeline("fill-mask", model="{where}", trust_remote_code=True)\n'
+                f'print(fill("The capital of France is [MASK]."))\n\n'
+                f'tok = AutoTokenizer.from_pretrained("{where}", trust_remote_code=True)\n'
+                f'model = AutoModel.from_pretrained("{where}", trust_remote_code=True)\n'
+                f'batch = tok(["A first text.", "A second, longer text."], padding=True, return_tensors="pt")\n'
+                f'hidden = model(**batch).last_hidden_state  # (2, T, d_model); padding is masked out\n')
+    elif head == "classification":
+        code = (f'from transformers import pipeline\n\n'
+                f'classify = pipeline("text-classification", model="{where}", trust_remote_code=True)\n'
+                f'print(classify({{"text": "A man is playing a guitar.", "text_pair": "A person makes music."}}))\n')
+    else:
+        code = (f'from transformers import AutoModelForQuestionAnswering, AutoTokenizer\n\n'
+                f'tok = AutoTokenizer.from_pretrained("{where}", trust_remote_code=True)\n'
+                f'model = AutoModelForQuestionAnswering.from_pretrained("{where}", trust_remote_code=True)\n'
+                f'inputs = tok("Where is Paris?", "Paris is the capital of France.", return_tensors="pt")\n'
+                f'out = model(**inputs)  # start_logits, end_logits: one per token\n'
+                f'start, end = int(out.start_logits.argmax()), int(out.end_logits.argmax())\n'
+                f'print(tok.decode(inputs["input_ids"][0, start:end + 1]))\n')
+    return ("## Use it with transformers\n\nThe folder is a Hugging Face model with its own code (`model.py`, "
+            "`hf_kbert.py`), hence `trust_remote_code=True` (transformers 5 reads the model's config before the "
+            "tokenizer's, so AutoTokenizer wants it too):\n\n```python\n" + code + "```\n")
+
+
 def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
-    """(config dict, state dict) from a local export folder or a Hub model id."""
+    """(config, state dict) from a local export folder or a Hub model id, in save_pretrained's
+    terms: config {"model": ModelConfig fields, what the run recorded}, the encoder's weights
+    under KBERT's own names and a task head's as head.*. Exports written before the
+    transformers format (config.json {"architecture": "KBERT", "model": ...}) load too."""
     from safetensors.torch import load_file
+
+    from model import ModelConfig
 
     folder = path_or_repo
     if not os.path.isdir(folder):
@@ -227,8 +402,15 @@ def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
         if not os.path.isfile(os.path.join(folder, name)):
             raise FileNotFoundError(f"{folder} has no {name}; is it a KBERT export folder?")
     with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    return config, load_file(os.path.join(folder, "model.safetensors"))
+        raw = json.load(f)
+    if raw.get("model_type") != "kbert" and raw.get("architecture") != "KBERT":
+        raise SystemExit(f"{path_or_repo}: config.json is not a KBERT export (model_type {raw.get('model_type')!r})")
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    if raw.get("architecture") == "KBERT":  # the old format: unprefixed weights, no transformers files
+        return raw, state
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.init]
+    config = {"model": {k: raw[k] for k in fields if k in raw}, **raw.get("kbert", {})}
+    return config, {k.removeprefix("kbert."): v for k, v in state.items()}
 
 
 def _redact_hub_tokens(text: str) -> str:

@@ -15,6 +15,7 @@ Sections: tasks and metrics -> SQuAD scorer -> BLiMP scorer -> hyperparameters -
 model -> training and evaluation -> main.
 """
 import collections
+import difflib
 import functools
 import json
 import math
@@ -149,22 +150,22 @@ def load_squad_gold(path: str) -> collections.OrderedDict:
     """id -> list of gold answer texts ([] = unanswerable), in file order, from the official
     nested JSON (`{"data": [...]}`) or Hub-schema jsonl (`answers: {text, answer_start}`)."""
     gold = collections.OrderedDict()
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "id" not in row or "answers" not in row:
-                        raise KeyError(f"{path}:{n}: a SQuAD row needs 'id' and 'answers' (got {sorted(row)})")
-                    gold[row["id"]] = list(row["answers"]["text"])
-        else:
+    if path.endswith(".jsonl"):
+        for n, row in enumerate(read_jsonl(path), 1):
+            if "id" not in row or "answers" not in row or "text" not in row["answers"]:
+                raise SystemExit(f"{path}: row {n}: a SQuAD row needs 'id' and 'answers': {{'text': [...]}} (got {sorted(row)})")
+            gold[row["id"]] = list(row["answers"]["text"])
+        return gold
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-            if "data" not in data:
-                raise KeyError(f"{path}: official SQuAD JSON has a top-level 'data' list")
-            for article in data["data"]:
-                for p in article["paragraphs"]:
-                    for qa in p["qas"]:
-                        gold[qa["id"]] = [a["text"] for a in qa["answers"]]
+        for article in data["data"]:
+            for p in article["paragraphs"]:
+                for qa in p["qas"]:
+                    gold[qa["id"]] = [a["text"] for a in qa["answers"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not the official SQuAD JSON ({type(e).__name__}: {e}); expected "
+                         "{'data': [{'paragraphs': [{'qas': [{'id', 'answers': [{'text'}]}]}]}]} or a Hub-schema .jsonl") from None
     return gold
 
 
@@ -172,12 +173,14 @@ def squad_v2_scores(gold: dict, preds: dict, na_probs: dict | None = None, na_pr
     """What evaluate-v2.0.py prints (exact, f1, total, HasAns_*, NoAns_*, and best_* with a
     na-prob file), as percentages."""
     has_ans = {qid: bool(answers) for qid, answers in gold.items()}
+    # a question without a prediction is scored as an empty answer ("no answer"), what the
+    # official script means by its "Missing prediction" note (it then fails on a KeyError)
+    preds = {qid: preds.get(qid, "") for qid in gold}
+    if na_probs is not None:
+        na_probs = {qid: na_probs.get(qid, 0.0) for qid in gold}
     exact_raw, f1_raw = {}, {}
     for qid, answers in gold.items():
         golds = [a for a in answers if normalize_answer(a)] or [""]
-        if qid not in preds:
-            print(f"Missing prediction for {qid}", file=sys.stderr)
-            continue
         exact_raw[qid] = max(squad_exact(a, preds[qid]) for a in golds)
         f1_raw[qid] = max(squad_f1(a, preds[qid]) for a in golds)
     probs = na_probs if na_probs is not None else {k: 0.0 for k in preds}
@@ -233,9 +236,32 @@ def score_squad_cli(argv: list[str]):
     for p in (args.data_file, args.pred_file, args.na_prob_file):
         if p and not os.path.isfile(p):
             raise SystemExit(f"--score-squad: file {p} does not exist")
-    preds = json.load(open(args.pred_file, encoding="utf-8"))
-    na_probs = json.load(open(args.na_prob_file)) if args.na_prob_file else None
-    print(json.dumps(squad_v2_scores(load_squad_gold(args.data_file), preds, na_probs, args.na_prob_thresh), indent=2))
+    gold = load_squad_gold(args.data_file)
+    preds = read_json_object(args.pred_file, str, "{question id: answer text, '' for no answer}")
+    na_probs = read_json_object(args.na_prob_file, (int, float), "{question id: no-answer probability}") \
+        if args.na_prob_file else None
+    for what, path, got, fill in (("prediction", args.pred_file, preds, "an empty answer"),
+                                  ("no-answer probability", args.na_prob_file, na_probs, "0")):
+        missing = [q for q in gold if got is not None and q not in got]
+        if missing:
+            print(f"{len(missing):,} of {len(gold):,} question ids have no {what} in {path}, e.g. {missing[0]}; "
+                  f"they are scored with {fill}", file=sys.stderr)
+    print(json.dumps(squad_v2_scores(gold, preds, na_probs, args.na_prob_thresh), indent=2))
+
+
+def read_json_object(path: str, value_type, shape: str) -> dict:
+    """A JSON file holding one object whose values are value_type, or one line saying what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: not JSON ({e}); expected {shape}") from None
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: a JSON {type(obj).__name__}, expected an object {shape}")
+    bad = next((k for k, v in obj.items() if not isinstance(v, value_type) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise SystemExit(f"{path}: the value of {bad!r} is {obj[bad]!r}; expected {shape}")
+    return obj
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,8 +345,8 @@ class FinetuneConfig:
     # BLiMP: data/blimp/blimp.jsonl
     train_file: str = ""  # override the training file
     eval_files: str = ""  # override the evaluation files (comma-separated, named by their stem)
-    max_train_examples: int = 0  # 0: all
-    max_eval_examples: int = 0
+    max_train_examples: int = 0  # use the first N training examples (0: all)
+    max_eval_examples: int = 0  # evaluate the first N examples of each eval file (0: all)
     optimizer: str = "adamw"  # "adamw" (the usual recipe) or "muon" (Muon on hidden matrices, AdamW elsewhere)
     lr: float = 5e-5  # ModernBERT's MNLI choice (sweep 1e-5..8e-5)
     head_lr: float = 0.0  # 0: same as lr
@@ -330,6 +356,8 @@ class FinetuneConfig:
     # parameter; muon only the hidden matrices (embeddings, gains and head not at all, as in pretraining)
     betas: str = "0.9,0.98"  # ModernBERT's finetuning betas
     warmup_frac: float = 0.1  # linear warm-up, then linear decay to 0
+    # passes over the training examples (ModernBERT's MNLI: 1); 0: no training, evaluate base_model, a model
+    # finetuned on this task (finetuned/<run_id>/seed<k>/model)
     epochs: float = 1.0
     batch_size: int = 64  # examples (GLUE) or windows (SQuAD) per step, over all ranks (ModernBERT/DeBERTa MNLI: 64)
     max_len: int = 256  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
@@ -337,7 +365,7 @@ class FinetuneConfig:
     squad_max_len: int = 384  # window length (question + context)
     doc_stride: int = 128  # context tokens shared by consecutive windows (HF run_qa's meaning); must be below the
     # context budget squad_max_len - max_query_len - 3, or the windows could not advance
-    max_query_len: int = 64
+    max_query_len: int = 64  # SQuAD question tokens kept (the rest truncated)
     max_answer_len: int = 30  # tokens
     n_best: int = 20  # start/end candidates per window
     null_threshold: float = 0.0  # predict no answer when null score - best span score > this (HF run_qa: 0)
@@ -348,12 +376,13 @@ class FinetuneConfig:
     # same pairs; 0: all 1,000. With 100, the mean over paradigms has a binomial standard error of at most 0.6 points
     out_dir: str = "finetuned"  # predictions, metrics and the model: finetuned/<run_id>/
     hf_repo: str = ""  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
-    run_id: str = ""
+    run_id: str = ""  # logs/<run_id>.txt and out_dir/<run_id>/; empty: ft-<task>-<date>-<time>-<random>
+    overwrite: bool = False  # reuse an existing run id, writing over its log and outputs
     compile: bool = False  # CUDA only. Off by default: on torch 2.11 inductor failed to build the fused BlockMask +
     # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct.
     # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
-    device: str = "auto"
-    log_every: int = 20
+    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    log_every: int = 20  # steps between loss lines in the log
 
 
 GROUPS = {"train": FinetuneConfig}
@@ -364,11 +393,26 @@ GROUPS = {"train": FinetuneConfig}
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a jsonl file (one JSON object a line); a bad line or an empty file exits
+    with one line naming the file and the line."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path} does not exist. Fetch the data with `python data/download_glue.py TASK` or "
                          "`python data/download_squad.py`, or pass --train.train_file/--train.eval_files")
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg} at column {e.colno}): {line.strip()[:80]}") from None
+            if not isinstance(row, dict):
+                raise SystemExit(f"{path}:{n}: expected a JSON object, got {line.strip()[:80]}")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"{path} holds no rows: an empty file?")
+    return rows
 
 
 BLIMP_KEYS = ("UID", "field", "linguistics_term", "pairID", "sentence_good", "sentence_bad")
@@ -590,7 +634,15 @@ def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
 
 
 def build_model(cfg: FinetuneConfig, task: str, seed: int):
+    """A new head on the pretrained (or random) encoder; with --train.epochs 0, the finetuned
+    export base_model as it is, head included, to be evaluated."""
     torch.manual_seed(seed)
+    if cfg.epochs == 0:
+        model, config = load_finetuned(cfg.base_model)
+        if config.get("task") != task:
+            raise SystemExit(f"--train.epochs 0 evaluates a model finetuned on {task}, but {cfg.base_model} was "
+                             f"finetuned on {config.get('task')!r}")
+        return model
     encoder = build_encoder(cfg, seed)
     return TaskModel(encoder, make_head(task, encoder.cfg.d_model, cfg.dropout))
 
@@ -633,8 +685,11 @@ def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
 
 
 def model_card(task: str, cfg: FinetuneConfig, metrics_md: str) -> str:
-    return (f"---\nlibrary_name: kbert\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
-            f"Base model: `{cfg.base_model}`. Labels: {LABEL_NAMES.get(task, ['start', 'end'])}.\n\n## Metrics\n"
+    head = "span" if task in SQUAD else "classification"
+    return (f"---\nlibrary_name: transformers\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
+            f"Base model: `{cfg.base_model}`. Labels: {LABEL_NAMES.get(task, ['start', 'end'])}.\n\n"
+            f"{common.transformers_usage(cfg.hf_repo or 'path/to/this/folder', head)}\n"
+            f"In KBERT's repo: `model, config = finetuner.load_finetuned(FOLDER)`.\n\n## Metrics\n"
             f"{metrics_md}\n\n## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
 
 
@@ -649,13 +704,15 @@ def seeds_table(per_seed: list[dict], summary: dict) -> str:
 
 
 def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cfg: FinetuneConfig, log):
-    """One seed's model with a card of its own metrics (run_task rewrites the median seed's card)."""
+    """One seed's model with a card of its own metrics (run_task rewrites the median seed's card):
+    a Hugging Face folder for AutoModelForSequenceClassification (GLUE) or
+    AutoModelForQuestionAnswering (SQuAD), see common.save_pretrained."""
     state = dict(model.encoder.state_dict())
     state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    config = {"architecture": "KBERT", "model": model.encoder.cfg.to_dict(), "task": task,
+    config = {"model": model.encoder.cfg.to_dict(), "task": task, "head": "span" if task in SQUAD else "classification",
               "labels": LABEL_NAMES.get(task, ["start", "end"]), "base_model": cfg.base_model, "metrics": metrics}
     card = model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```")
-    common.save_pretrained(folder, state, config, card)
+    common.save_pretrained(folder, state, config, card, max_len=cfg.squad_max_len if task in SQUAD else cfg.max_len, log=log)
     log(f"saved finetuned model to {folder}")
 
 
@@ -768,7 +825,8 @@ class Runner:
         mine = list(range(d.rank, len(items), d.world))
         outs = {}
         t0 = time.perf_counter()
-        for k in tqdm(range(0, len(mine), bs), desc="eval", disable=not d.master, leave=False):
+        # a progress bar on a terminal only: redirected to a file its carriage returns garble the log
+        for k in tqdm(range(0, len(mine), bs), desc="eval", disable=None if d.master else True, leave=False):
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]
             if self.task in SQUAD:
@@ -834,16 +892,26 @@ def task_files(task: str, cfg: FinetuneConfig) -> tuple[str, dict]:
     return train, evals
 
 
+def start_run(prefix: str, cfg: FinetuneConfig, d: common.Dist) -> tuple[str, common.RunLog, str]:
+    """The run id (the same on every rank), its log (not written yet) and output folder; an
+    existing run's id is refused unless --train.overwrite."""
+    run_id = common.agree(cfg.run_id or common.new_run_id(prefix), d)
+    log, out_root = common.RunLog(run_id, d.master), os.path.join(cfg.out_dir, run_id)
+    if not cfg.overwrite:
+        common.refuse_existing_run(run_id, [log.path, out_root], "", d)
+    return run_id, log, out_root
+
+
 def run_task(task: str, cfg: FinetuneConfig) -> dict:
+    """Data first (bad input fails in one line before anything is written), then the log and
+    one finetuning run per seed."""
     d = common.setup_distributed(cfg.device)
-    run_id = cfg.run_id or common.new_run_id(f"ft-{task}")
-    log = common.RunLog(run_id, d.master)
-    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device)
+    run_id, log, out_root = start_run(f"ft-{task}", cfg, d)
     from tokenizer import Tokenizer
 
     tok = Tokenizer()
     train_path, eval_paths = task_files(task, cfg)
-    train_rows = read_jsonl(train_path)[: cfg.max_train_examples or None]
+    train_rows = read_jsonl(train_path)[: cfg.max_train_examples or None] if cfg.epochs else []  # epochs 0: evaluate only
     eval_rows = {s: read_jsonl(p)[: cfg.max_eval_examples or None] for s, p in eval_paths.items()}
     if task in SQUAD:
         v1 = task == "squad"
@@ -852,16 +920,33 @@ def run_task(task: str, cfg: FinetuneConfig) -> dict:
     else:
         train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path)
         eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
+    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device)
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
+    try:  # an expected failure from here on is recorded in the log too
+        summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            log(e.code)
+        common.cleanup_distributed(d)
+        raise
+    common.cleanup_distributed(d)
+    return summary
 
+
+def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items) -> dict:
+    """Every seed: build, fit, evaluate on every split, save; then the summary over seeds and
+    the median seed's card (pushed with --train.hf_repo)."""
     runner = Runner(task, cfg, d, log)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     per_seed = []
-    out_root = os.path.join(cfg.out_dir, run_id)
     for seed in seeds:
         model = build_model(cfg, task, seed).to(d.device)
-        fit = runner.fit(model, train_items, seed)
+        if cfg.epochs:
+            fit = runner.fit(model, train_items, seed)
+        else:
+            runner.prepare(model)
+            fit = {"steps": 0}
         result = {"seed": seed, **fit}
         for split, items in eval_items.items():
             result[split] = runner.evaluate(model, split, eval_rows[split], items, os.path.join(out_root, f"seed{seed}"))
@@ -889,7 +974,6 @@ def run_task(task: str, cfg: FinetuneConfig) -> dict:
         log(f"seed {chosen['seed']} has the median {split}/{metric} ({chosen[split][metric]:.2f}): {folder}")
         if cfg.hf_repo:
             common.push_to_hub(folder, cfg.hf_repo, log)
-    common.cleanup_distributed(d)
     return summary
 
 
@@ -897,14 +981,13 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
     """Score an encoder on BLiMP, no training: out_dir/<run_id>/metrics.json (mean accuracy over
     paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
     d = common.setup_distributed(cfg.device)
-    run_id = cfg.run_id or common.new_run_id("blimp")
-    log = common.RunLog(run_id, d.master)
-    log.header([os.path.abspath(__file__)], {"task": "blimp", **common.config_to_dict(cfg)}, d.device)
+    run_id, log, out_root = start_run("blimp", cfg, d)
     from tokenizer import Tokenizer
 
     path = cfg.eval_files or os.path.join(cfg.data_dir, "blimp", "blimp.jsonl")
     rows = read_blimp(path, cfg.blimp_pairs)
     model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
+    log.header([os.path.abspath(__file__)], {"task": "blimp", **common.config_to_dict(cfg)}, d.device)
     t0 = time.perf_counter()
     # float32, no autocast: bf16 log-probabilities would decide close pairs by rounding
     result = blimp_scores(functools.partial(kbert_log_probs, model), rows, Tokenizer(), cfg.eval_batch_size, d.device)
@@ -916,7 +999,6 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
         log(f"blimp {uid}: {acc:.4f}", console=False)
     log(f"blimp accuracy:{result['accuracy']:.4f} paradigms:{len(result['paradigms'])} pairs:{len(rows)} "
         + " ".join(f"{f}:{a:.4f}" for f, a in result["fields"].items()) + f" sentences/s:{2 * len(rows) / dt:.0f} time:{dt:.1f}s")
-    out_root = os.path.join(cfg.out_dir, run_id)
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, "predictions_blimp.jsonl"), "w") as f:
         for row, g, b in zip(rows, good, bad):
@@ -930,27 +1012,39 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
 # Main
 
 
+TASKS = [*GLUE, *SQUAD, "blimp"]
+USAGE = __doc__.split("Data are")[0].rstrip() + "\n\n--task is one of " + ", ".join(TASKS) + "."
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--score-squad"]:
         return score_squad_cli(argv[1:])
-    if "--task" not in argv:
-        raise SystemExit("usage: finetuner.py --task {" + ",".join([*GLUE, *SQUAD, "blimp"]) + "} [--train.key value ...] "
-                         "| --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]")
-    i = argv.index("--task")
-    if i + 1 >= len(argv):
-        raise SystemExit("--task needs a value")
-    task, rest = argv[i + 1], argv[:i] + argv[i + 2:]
-    if task not in GLUE and task not in SQUAD and task != "blimp":
-        raise SystemExit(f"unknown task {task!r}; choose one of {', '.join([*GLUE, *SQUAD, 'blimp'])}")
-    overrides, _ = common.parse_overrides(rest, GROUPS)
+    rest, task = list(argv), None
+    if "--task" in rest:
+        i = rest.index("--task")
+        if i + 1 >= len(rest):
+            raise SystemExit(f"--task needs a value: one of {', '.join(TASKS)}")
+        task = rest.pop(i + 1)
+        rest.pop(i)
+        if task not in TASKS:
+            near = difflib.get_close_matches(task, TASKS, n=1)
+            raise SystemExit(f"unknown task {task!r}" + (f"; did you mean {near[0]}?" if near else "")
+                             + f" (one of {', '.join(TASKS)})")
+    overrides, _ = common.parse_overrides(rest, GROUPS, usage=USAGE)  # --help prints every option and exits
+    if task is None:
+        raise SystemExit(f"--task is required: one of {', '.join(TASKS)} (--help lists every option)")
     cfg = FinetuneConfig(**overrides["train"])
+    common.check_device(cfg.device)
     if task == "blimp":
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
         if cfg.blimp_pairs < 0:
             raise SystemExit(f"--train.blimp_pairs must be >= 0 (0: all pairs), got {cfg.blimp_pairs}")
         return run_blimp(cfg)
+    if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.base_model == "none"):
+        raise SystemExit("--train.epochs 0 evaluates a finetuned model: give it as --train.base_model "
+                         "(finetuned/<run_id>/seed<k>/model); otherwise --train.epochs must be > 0")
     if cfg.pack_len % 128 or cfg.squad_max_len % 128:
         raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
     if cfg.max_len > cfg.pack_len:

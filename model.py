@@ -43,9 +43,9 @@ PRESETS = {
 @dataclass
 class ModelConfig:
     preset: str = "base"  # fills n_layer, d_model, n_head, d_mlp when those are 0
-    n_layer: int = 0
-    d_model: int = 0
-    n_head: int = 0
+    n_layer: int = 0  # transformer blocks
+    d_model: int = 0  # width of the residual stream
+    n_head: int = 0  # attention heads (d_model / n_head must be divisible by 4)
     d_mlp: int = 0  # hidden width of the ReLU^2 MLP
     vocab_size: int = 50304  # GPT-2's 50,257 + [MASK] [SEP] [PAD], padded to 128
     local_window: int = 128  # default sliding window (tokens) of local layers

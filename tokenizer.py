@@ -9,6 +9,7 @@ added after it and the embedding is padded to 50,304 rows (a multiple of 128):
     50258 [SEP]   end of a segment in single / pair inputs
     50259 [PAD]   padding; never attended by real tokens (it forms its own "document")
 """
+import functools
 import os
 import shutil
 
@@ -63,8 +64,8 @@ class Tokenizer:
         return self.bpe.encode_ordinary(text)
 
     def encode(self, text: str, pair: str | None = None, max_len: int | None = None) -> list[int]:
-        """`[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`. With max_len the longer
-        segment is truncated first (the usual "longest first" rule)."""
+        """`[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`, at most max_len tokens: the longer
+        segment is cut first ("longest first", as Hugging Face tokenizers does it)."""
         a = self.encode_ordinary(text)
         b = self.encode_ordinary(pair) if pair is not None else None
         if max_len is not None:
@@ -73,12 +74,12 @@ class Tokenizer:
                 raise ValueError(f"max_len={max_len} leaves no room for text")
             if b is None:
                 a = a[:budget]
-            else:
-                while len(a) + len(b) > budget:
-                    if len(a) >= len(b):
-                        a.pop()
-                    else:
-                        b.pop()
+            elif len(a) + len(b) > budget:
+                # the shorter segment (a on a tie) keeps at most half the budget, the longer one
+                # the rest: Hugging Face tokenizers' rule (utils/truncation.rs), so an export's
+                # AutoTokenizer with truncation=True cuts the same tokens
+                short = min(len(a), len(b), budget // 2)
+                a, b = (a[:short], b[:budget - short]) if len(a) <= len(b) else (a[:budget - short], b[:short])
         ids = [CLS_ID] + a + [SEP_ID]
         if b is not None:
             ids += b + [SEP_ID]
@@ -119,3 +120,63 @@ class Tokenizer:
         if decoded != text:  # only for invalid UTF-8 input, which Python str cannot hold
             raise ValueError("BPE round trip changed the text; offsets would be wrong")
         return ids, list(zip(starts, starts[1:] + [len(text)]))
+
+
+# ----------------------------------------------------------------------------------------
+# The same tokenizer for Hugging Face transformers (written into every export)
+
+
+@functools.cache
+def _gpt2_vocab_and_merges() -> tuple[dict, list]:
+    """GPT-2's byte-level BPE in the tokenizers library's terms, rebuilt from tiktoken's ranks
+    (no download): vocab {token string: id} and the merges in rank order. Token bytes are
+    spelled with GPT-2's bytes_to_unicode alphabet; the merge that makes token r is the split
+    left by running BPE on its bytes with the ranks below r (tiktoken's _educational.py does
+    the same), so merge i makes token 256 + i as in GPT-2's vocab.bpe."""
+    bpe = Tokenizer().bpe
+    ranks = {bpe.decode_single_token_bytes(i): i for i in range(CLS_ID)}
+    # GPT-2's bytes_to_unicode (openai/gpt-2, src/encoder.py): printable bytes stand for themselves, the
+    # others for the characters from 256 on, in byte order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = {b: chr(b) if b in printable else chr(256 + sum(c not in printable for c in range(b))) for b in range(256)}
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    def split(token: bytes, below: int) -> list[bytes]:
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 1:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], below), i) for i in range(len(parts) - 1)]
+            rank, i = min(pairs)
+            if rank >= below:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    merges = [tuple(spell(p) for p in split(token, rank)) for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+              if len(token) > 1]
+    return {spell(token): rank for token, rank in ranks.items()}, merges
+
+
+def save_hf_tokenizer(folder: str, model_max_length: int) -> None:
+    """Write tokenizer.json and tokenizer_config.json into folder: a fast tokenizer for
+    `AutoTokenizer.from_pretrained(folder)` that encodes like Tokenizer.encode (tests/test_export.py
+    checks it on real texts). GPT-2's pre-tokenizer regex is ByteLevel's own; [MASK] takes the
+    space before it (lstrip, like RoBERTa's <mask>), so "is [MASK]." asks for " Paris"."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _gpt2_vocab_and_merges()
+    names = {"[CLS]": CLS_ID, "[MASK]": MASK_ID, "[SEP]": SEP_ID, "[PAD]": PAD_ID}  # [CLS] replaces <|endoftext|>
+    tok = HFTokenizer(models.BPE(vocab={**vocab, **names}, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token=AddedToken("[MASK]", lstrip=True, rstrip=False, normalized=False, special=True),
+        model_max_length=model_max_length, model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False)
+    assert [hf.convert_tokens_to_ids(n) for n in names] == list(names.values()), "special token ids moved"
+    hf.save_pretrained(folder)

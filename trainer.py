@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import common
-from data.shards import check_token_range, open_shard, write_shard
+from data.shards import ShardError, check_token_range, open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
 
@@ -32,7 +32,7 @@ from optimizer import MuonAdamW
 
 @dataclass
 class TrainConfig:
-    run_id: str = ""  # logs/<run_id>.txt and checkpoints/<run_id>/; empty: kbert-<timestamp>
+    run_id: str = ""  # logs/<run_id>.txt, checkpoints/<run_id>/, exports/<run_id>; empty: kbert-<date>-<time>-<random>
     seed: int = 0  # model init and MLM masks (masks are keyed to data positions, not ranks)
     steps: int = 18_700  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
     batch_tokens: int = 524_288  # global tokens per step (64 x 8192), fixed whatever the world size
@@ -43,7 +43,7 @@ class TrainConfig:
     lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
     # token embedding = tied MLM head (AdamW). Adam moves each row ~lr per coordinate per step, so
     # logits move ~lr*d_model nats a step: 0.01 cost ~1 nat of loss in paired CPU runs (untied
-    # too) and pulled the tied rows toward one direction (README, Pretraining). 0.002*768 is
+    # too) and pulled the tied rows toward one direction (docs/studies.md). 0.002*768 is
     # close to the demo's 0.03*64.
     lr_embed: float = 0.002
     lr_scalar: float = 0.01  # gains, residual mixes, skip weights (AdamW)
@@ -52,24 +52,24 @@ class TrainConfig:
     warmup_frac: float = 0.01  # linear lr warm-up
     cooldown_frac: float = 0.3  # linear decay to 0 over the last 30% (warmup-stable-decay)
     muon_momentum_start: float = 0.85  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
-    muon_momentum_end: float = 0.95
-    muon_momentum_warmup_steps: int = 300
+    muon_momentum_end: float = 0.95  # reached after muon_momentum_warmup_steps
+    muon_momentum_warmup_steps: int = 300  # steps of the momentum warm-up
     mask_rate_start: float = 0.30  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
     mask_rate_end: float = 0.15  # ... down to BERT's 0.15
     random_frac_start: float = 0.10  # of the predicted tokens: replaced by a random token ...
-    random_frac_end: float = 0.02
+    random_frac_end: float = 0.02  # ... down to this
     keep_frac_start: float = 0.10  # ... or left unchanged; the rest become [MASK]
-    keep_frac_end: float = 0.02
+    keep_frac_end: float = 0.02  # ... down to this
     local_window_start: int = 128  # sliding window of local layers (tokens), start -> end ...
-    local_window_end: int = 128
+    local_window_end: int = 128  # the exported model's local window
     global_window_start: int = 1024  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
-    global_window_end: int = 8192
+    global_window_end: int = 8192  # the exported model's global window
     window_grow_frac: float = 0.5  # windows reach their end values at this fraction of training
     val_every: int = 500  # steps between validations (and at the end)
     val_tokens: int = 4_194_304  # fixed validation budget, same masks every time
     save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept per run
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
     # a checkpoint file or a checkpoint folder (its newest good file). The run continues with the
     # checkpoint's config; options given on the command line override it (the log lists what changed)
     resume: str = ""
@@ -80,15 +80,16 @@ class TrainConfig:
     # (a numerics reference, e.g. to tell a precision problem from an optimisation one);
     # auto: bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
-    device: str = "auto"  # auto: cuda if available
-    log_every: int = 1
+    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    overwrite: bool = False  # reuse an existing run id, writing over its log, checkpoints and export
+    log_every: int = 1  # steps between step lines in the log
 
 
 @dataclass
 class DataConfig:
     source: str = "files"  # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
-    train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"
-    val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"
+    train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"  # glob of token shards (data/download_fineweb_edu.py)
+    val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"  # glob of validation shards, disjoint from training
     seq_len: int = 8192  # packed sequence length (multiple of 128 for FlexAttention)
 
 
@@ -114,11 +115,21 @@ class Hyperparameters:
 PYDOC_FILES = ("data/pydoc/pydoc_train_*.bin", "data/pydoc/pydoc_val_*.bin")
 
 
+FLAGS = {"demo": "the CPU demo: the tiny preset on the Python docs that ship with Python, 300 steps of 4,096 "
+                 "tokens (trainer.DEMO); options given apply on top of it"}
+HIDDEN = ("model.local_window", "model.global_window")  # derived from --train.*_window_end
+
+
+def cli(argv: list[str]) -> tuple[dict, set]:
+    """argv -> (overrides by group, flags); --help prints every option and exits."""
+    return common.parse_overrides(argv, GROUPS, FLAGS, HIDDEN, usage=__doc__.split("Sections:")[0].rstrip())
+
+
 def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
     """The defaults, then DEMO (--demo), then a resumed checkpoint's config (`saved`), then the
     options given; then the derived fields: the exported model's windows are the ones
     training ends with, and --data.source pydoc fixes the globs."""
-    overrides, flags = common.parse_overrides(argv, GROUPS, flags=("demo",))
+    overrides, flags = cli(argv)
     for name in ("local_window", "global_window"):
         if name in overrides["model"]:
             raise SystemExit(f"--model.{name} is derived from the training schedule: set --train.{name}_end instead")
@@ -133,6 +144,10 @@ def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
             raise SystemExit(f"--{name}.*: {e}") from None
     hp = Hyperparameters(**groups)
     check(hp)
+    ignored = [k for k in ("train_files", "val_files") if k in overrides["data"]]
+    if hp.data.source == "pydoc" and ignored:
+        raise SystemExit(f"--data.{ignored[0]} does not apply to --data.source pydoc (the demo's corpus): "
+                         "add --data.source files to train on your shards")
     hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train)
     if hp.data.source == "pydoc":
         hp.data.train_files, hp.data.val_files = PYDOC_FILES
@@ -161,6 +176,7 @@ def check(hp: Hyperparameters):
         raise SystemExit("--train.steps must be >= 1")
     if t.micro_batch_seqs < 1:
         raise SystemExit("--train.micro_batch_seqs must be >= 1")
+    common.check_device(t.device)
 
 
 def config_changes(saved: dict, hp: Hyperparameters) -> list[str]:
@@ -227,11 +243,11 @@ class PackedLoader:
     epoch) and laid end to end. A document that does not fit in the rest of a row fills it
     and continues at the start of the next row, each piece after the first opening with an
     inserted [CLS] so that it is a document of its own for the attention mask. (Padding the
-    rest of the row instead wasted 10-14% of the tokens on real shards.) No token is
+    rest of the row instead wasted 9-14% of the tokens on real shards.) No token is
     dropped and [PAD] appears only at the end of a finite pass (loop=False). Sequence n of
     the stream is the same for every world size; `state_dict()` is the exact position, so
-    a resumed run sees exactly the same data. Token ids are checked against `vocab_size`
-    when a shard is loaded."""
+    a resumed run sees exactly the same data. Every shard's header and token ids are checked
+    (against `vocab_size`) when the loader is made."""
 
     def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True, loop: bool = True,
                  vocab_size: int = ModelConfig.vocab_size):
@@ -240,8 +256,8 @@ class PackedLoader:
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = 0, 0, 0, False, 0
         self.exhausted = False  # with loop=False: the single pass is over
         self._loaded = None  # (path, tokens memmap, document start positions)
-        for f in files:
-            open_shard(f)  # validate every header up front, naming the bad file
+        for f in files:  # every header and token id up front, naming the bad file (one read of each shard)
+            check_token_range(open_shard(f), f, vocab_size)
 
     def _order(self) -> list[str]:
         if not self.shuffle:
@@ -253,7 +269,6 @@ class PackedLoader:
         path = self._order()[self.file_idx]
         if self._loaded is None or self._loaded[0] != path:
             tokens = open_shard(path)
-            check_token_range(tokens, path, self.vocab_size)
             self._loaded = (path, tokens, np.flatnonzero(tokens == CLS_ID))
         return self._loaded[1], self._loaded[2]
 
@@ -533,22 +548,33 @@ def load_checkpoint(path: str, log) -> dict:
     raise SystemExit(f"--train.resume {path!r}: no loadable checkpoint")
 
 
-def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str) -> str:
+def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str, where: str,
+               blimp: dict | None = None) -> str:
+    """The export's README.md: what the model is and how to load it (`where`: its folder or Hub
+    id). blimp: finetuner.run_blimp's metrics, when measured."""
     val_line = f"{val['loss']:.4f} per predicted token, MLM accuracy {val['acc']:.4f}" if val else "not measured"
-    return (f"---\nlibrary_name: kbert\ntags: [fill-mask, encoder, kbert]\n---\n# KBERT ({hp.model.preset})\n\n"
+    blimp_line = (f"{100 * blimp['accuracy']:.1f}% (mean over {len(blimp['paradigms'])} paradigms, {blimp['pairs']:,} pairs)"
+                  if blimp else f"not measured (`python finetuner.py --task blimp --train.base_model {where}`)")
+    return (f"---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags: [fill-mask, encoder, kbert]\n---\n"
+            f"# KBERT ({hp.model.preset})\n\n"
             f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
             f"- parameters: {counts['total']:,} ({counts['embedding']:,} embedding, {counts['non_embedding']:,} other)\n"
-            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n"
+            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n- BLiMP: {blimp_line}\n"
             f"- tokenizer: GPT-2 BPE (tiktoken `gpt2`) + [MASK]=50257 [SEP]=50258 [PAD]=50259, [CLS]=50256\n"
-            f"- command: `{command}`\n\n## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
+            f"- command: `{command}`\n\n{common.transformers_usage(where)}\n"
+            f"In KBERT's repo: `model, config = trainer.load_encoder(\"{where}\")`.\n\n"
+            f"## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
 
 
 def export(model, hp, tokens_seen, val, run_id, log):
+    """exports/<run_id>: a Hugging Face model folder (common.save_pretrained), pushed to
+    --train.hf_repo if given."""
     folder = os.path.join(hp.train.export_dir, run_id)
-    config = {"architecture": "KBERT", "model": hp.model.to_dict(), "tokens_seen": tokens_seen,
-              "val_loss": val["loss"] if val else None}
+    config = {"model": hp.model.to_dict(), "tokens_seen": tokens_seen, "val_loss": val["loss"] if val else None,
+              "val_acc": val["acc"] if val else None}
     command = " ".join(["trainer.py"] + sys.argv[1:])
-    common.save_pretrained(folder, model.state_dict(), config, model_card(hp, model.param_counts(), tokens_seen, val, command))
+    card = model_card(hp, model.param_counts(), tokens_seen, val, command, hp.train.hf_repo or folder)
+    common.save_pretrained(folder, model.state_dict(), config, card, max_len=hp.data.seq_len, log=log)
     log(f"exported {folder}")
     if hp.train.hf_repo:
         common.push_to_hub(folder, hp.train.hf_repo, log)
@@ -557,11 +583,9 @@ def export(model, hp, tokens_seen, val, run_id, log):
 
 def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
     """A KBERT encoder from an export folder or Hub id (weights only, no training state).
-    Returns the model and the full config.json; extra keys in the weights (task heads) are
-    returned under config["extra_state"]."""
+    Returns the model and the export's config (common.load_pretrained); the weights of a task
+    head, if any, are returned under config["extra_state"]."""
     config, state = common.load_pretrained(path_or_repo)
-    if config.get("architecture") != "KBERT":
-        raise SystemExit(f"{path_or_repo}: config.json is not a KBERT export (architecture={config.get('architecture')!r})")
     model = KBERT(ModelConfig(**{**config["model"], **overrides}))
     own = {k: v for k, v in state.items() if not k.startswith("head.")}
     model.load_state_dict(own, strict=True)
@@ -596,7 +620,7 @@ def evaluate(forward, batch: np.ndarray, hp, d: common.Dist, windows) -> dict:
         loss_sum, correct, count = forward(inputs, labels, windows, "sum")
         totals += torch.stack([loss_sum.double(), correct.double(), torch.tensor(count, device=d.device, dtype=torch.float64)])
     common.all_reduce_sum(totals, d)
-    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "tokens": n_seqs * hp.data.seq_len}
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "tokens": int((batch != PAD_ID).sum())}
 
 
 # ----------------------------------------------------------------------------------------
@@ -681,40 +705,71 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Config, distributed setup, data and the run's log, checked in that order so that bad
+    input fails in one line before anything is written; then train()."""
     argv = sys.argv[1:] if argv is None else argv
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
-    resume = common.parse_overrides(argv, GROUPS, flags=("demo",))[0]["train"].get("resume", "")
+    resume = cli(argv)[0]["train"].get("resume", "")
     notes = []  # what loading the checkpoint found, for the run log
     resume_state = load_checkpoint(resume, notes.append) if resume else None
     hp = parse_args(argv, saved=resume_state["config"] if resume_state else None)
     t, dc = hp.train, hp.data
+    if resume_state is not None and resume_state["step"] > t.steps:
+        raise SystemExit(f"--train.steps {t.steps} is below the checkpoint's step {resume_state['step']}: "
+                         f"give --train.steps above {resume_state['step']} to train on")
     d = common.setup_distributed(t.device)
-    run_id = t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert"))
-    if d.world > 1:  # every rank must agree on the run id
-        obj = [run_id]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        run_id = obj[0]
+    run_id = common.agree(t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert")), d)
     log = common.RunLog(run_id, d.master)
+    ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
+    if resume_state is None and not t.overwrite:
+        common.refuse_existing_run(run_id, [log.path, ckpt_dir, os.path.join(t.export_dir, run_id)],
+                                   f"resume it with --train.resume {ckpt_dir}, ", d)
+
+    # data: every shard's header now, token ids as each shard is loaded
+    if dc.source == "pydoc":
+        if d.master:
+            build_pydoc_corpus(os.path.dirname(PYDOC_FILES[0]))
+        if d.world > 1:
+            torch.distributed.barrier()
+    try:
+        train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
+        val_batch = validation_batch(val_files, hp)
+        loader = PackedLoader(train_files, dc.seq_len, seed=t.seed, vocab_size=hp.model.vocab_size)
+        if resume_state is not None:
+            loader.load_state_dict(resume_state["loader"])
+    except ShardError as e:
+        raise SystemExit(f"error: {e}") from None
+
     log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
-               common.config_to_dict(hp), d.device)
+               common.config_to_dict(hp), d.device, append=resume_state is not None)
     log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
     if resume_state is not None:
         for note in notes:
             log(note)
         changes = config_changes(resume_state["config"], hp)
         log("config: the checkpoint's" + ("; changed by the command line: " + "; ".join(changes) if changes else ", unchanged"))
+    try:  # from here on an expected failure is recorded in the log too
+        out = train(hp, d, log, run_id, loader, val_batch, resume_state)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            log(e.code)
+        common.cleanup_distributed(d)
+        raise
+    except ShardError as e:  # a shard first loaded mid-run
+        log(f"error: {e}")
+        common.cleanup_distributed(d)
+        raise SystemExit(f"error: {e}") from None
+    common.cleanup_distributed(d)
+    if dc.source == "pydoc" and out["export"]:
+        log(f"next: the exported model is {out['export']}")
+    return out
 
-    # data
-    if dc.source == "pydoc":
-        if d.master:
-            build_pydoc_corpus(os.path.dirname(PYDOC_FILES[0]))
-        if d.world > 1:
-            torch.distributed.barrier()
-    train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
-    val_batch = validation_batch(val_files, hp)
-    loader = PackedLoader(train_files, dc.seq_len, seed=t.seed, vocab_size=hp.model.vocab_size)
 
-    # model and optimizer
+def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedLoader, val_batch: np.ndarray,
+          resume_state: dict | None) -> dict:
+    """Model, optimizer, the restored state of a resumed run, then the loop: validation and
+    checkpoints at their intervals, one train_step per step, the export at the end."""
+    t = hp.train
     torch.manual_seed(t.seed)
     model = KBERT(hp.model)
     model.init_weights(seed=t.seed)
@@ -729,17 +784,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     step, tokens_seen = 0, 0
     if resume_state is not None:
-        saved_model = resume_state["config"]["model"]
-        if saved_model != common.config_to_dict(hp)["model"]:
-            raise SystemExit(f"--train.resume: the checkpoint's model config {saved_model} differs from this run's")
+        # the windows only set the exported model's defaults (a schedule may change them); the rest shapes the weights
+        saved, now = resume_state["config"]["model"], common.config_to_dict(hp)["model"]
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ("local_window", "global_window")
+                  and saved.get(k) != v]
+        if differ:
+            raise SystemExit(f"--train.resume: the checkpoint's model differs from this run's ({'; '.join(differ)}); "
+                             "drop the --model.* options that change it")
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])  # moments and step counts; the lrs are this run's config
-        loader.load_state_dict(resume_state["loader"])
         torch.set_rng_state(resume_state["rng_cpu"])
         if cuda and "rng_cuda" in resume_state:
             torch.cuda.set_rng_state(resume_state["rng_cuda"])
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        resume_state = None
     start_step = step
 
     peak = peak_flops(d.device)
@@ -765,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        batch, first = loader.next_batch(batch_seqs_at(step, t, dc.seq_len))  # every rank packs the whole batch
+        batch, first = loader.next_batch(batch_seqs_at(step, t, hp.data.seq_len))  # every rank packs the whole batch
         out = train_step(model, opt, forward, batch, first, step, t, d, static_rows=compiled)
         dt = time.perf_counter() - t0
         step += 1
@@ -778,7 +835,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "no checkpoint was saved yet (see --train.save_every)"
             log(f"step:{step} loss is {out['loss']}, gradients non-finite on {out['bad_grad_ranks']} of {d.world} ranks: "
                 f"stopping; {where}\n{nonfinite_report(model)}")
-            common.cleanup_distributed(d)
             raise SystemExit(2)
         if step > 1 or not compiled:
             train_time += dt
@@ -793,7 +849,6 @@ def main(argv: list[str] | None = None) -> dict:
                 f"windows:{wl}/{wg} real_tokens:{real} dt:{dt * 1000:.0f}ms real_tok/s:{real / dt:.0f} mfu:{mfu} mem:{mem}")
 
     folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
-    common.cleanup_distributed(d)
     return {"run_id": run_id, "history": history, "val": val, "export": folder, "log": log.path,
             "train_time_s": train_time, "tokens_seen": tokens_seen}
 

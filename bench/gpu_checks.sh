@@ -12,6 +12,7 @@ set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
 DATA=${GPU_DATA:-bench/data}
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/kbert-gpu-checks.XXXXXX")
+trap 'rm -rf "$RUN"' EXIT  # the runs' checkpoints and exports (GBs at base size); the reports stay in $OUT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TIKTOKEN_CACHE_DIR=$PWD/$DATA/tiktoken
 echo "run folder $RUN"
 SECTIONS=${*:-trainer bench stability}

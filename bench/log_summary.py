@@ -9,7 +9,8 @@ import argparse
 import re
 import statistics
 
-STEP = re.compile(r"^step:(\d+)/\d+ loss:(\S+) gnorm:(\S+) .* dt:(\d+)ms real_tok/s:(\d+) mfu:(\S+) mem:(\S+)")
+# real_tok/s since commit f5f2771; tok/s (which counted [PAD]) before it
+STEP = re.compile(r"^step:(\d+)/\d+ loss:(\S+) gnorm:(\S+) .* dt:(\d+)ms (?:real_)?tok/s:(\d+) mfu:(\S+) mem:(\S+)")
 
 
 def summarize(path: str, skip: int = 0) -> dict:

@@ -14,7 +14,8 @@ Resumable: progress ({prefix}.progress.json and the pending tokens) is saved wit
 shard and at --max-docs, and a rerun with the same arguments continues to the same shards
 as one uninterrupted run. Local files are read again from the start and the documents
 already done are skipped without tokenizing them. A Hub stream continues from its saved
-position (datasets' IterableDataset.state_dict), so what was done is not streamed again;
+position (datasets' IterableDataset.state_dict: Arrow-backed data without re-reading
+what was done, other formats from the start of the current file, skipping ahead);
 a progress file without that position (older versions) re-streams and skips instead.
 """
 import argparse

@@ -1,4 +1,6 @@
-"""Shared test fixtures: the real GPT-2 BPE files from ../shared when present."""
+"""Shared test fixtures. Some tests read reference data (the real GPT-2 BPE files, the SQuAD v2
+and MNLI dev sets, public prose, BLiMP) from a folder `shared` beside the repository; where it
+is absent those tests skip and say so."""
 import os
 import pathlib
 
@@ -12,14 +14,14 @@ def shared_path(*parts) -> pathlib.Path:
     """A path under ../shared, or a pytest skip naming what is missing."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"{p} not present (../shared is only beside developer and CI checkouts)")
+        pytest.skip(f"{p} is not present: this test reads reference data from a folder `shared` beside the repository")
     return p
 
 
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
     """The real GPT-2 tokenizer, offline from ../shared/tokenizers/gpt2 when that exists,
-    else through tiktoken's own cache/download; skipped when neither works."""
+    else through tiktoken's own cache or download; skipped when neither works."""
     import tokenizer
 
     src = SHARED / "tokenizers" / "gpt2"

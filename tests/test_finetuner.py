@@ -199,6 +199,12 @@ def test_mnli_overfits_and_reload_gives_same_predictions(tmp_path, tok):
     outs, _ = runner.predict(model, items)
     saved = [json.loads(line)["prediction"] for line in open(tmp_path / "finetuned" / "mnli" / "seed0" / "predictions_mnli256.jsonl")]
     assert [int(np.argmax(o)) for o in outs] == saved
+    # evaluation without training: the saved model, head included, scores what the run scored
+    again = run(["--task", "mnli", "--train.base_model", str(folder), "--train.epochs", "0", "--train.eval_files", str(sub),
+                 "--train.pack_len", "512", "--train.max_len", "128", "--train.run_id", "mnli-eval"], tmp_path)
+    assert again["seeds"][0]["steps"] == 0 and again["seeds"][0]["mnli256"]["accuracy"] == acc
+    with pytest.raises(SystemExit, match="--train.epochs 0 evaluates a finetuned model"):
+        finetuner.main(["--task", "mnli", "--train.epochs", "0"])
 
 
 def test_squad_subset_overfits(tmp_path, tok):
@@ -247,6 +253,52 @@ def test_bad_inputs_fail_clearly(tmp_path, tok):
         finetuner.squad_features([{**row, "answers": {"text": [], "answer_start": []}}], tok, cfg, "x", v1=True)
     with pytest.raises(SystemExit, match="download_glue"):
         finetuner.read_jsonl(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(SystemExit, match=r"--task is required: one of cola, .*blimp \(--help lists every option\)"):
+        finetuner.main(["--train.lr", "1e-4"])
+    with pytest.raises(SystemExit, match="--train.device 'gpu': choose auto"):
+        finetuner.main(["--task", "mnli", "--train.device", "gpu"])
+
+
+def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch, tok):
+    """An empty or malformed jsonl stops the command before it writes a log, a model or metrics."""
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"premise": f"p {i}", "hypothesis": "h", "label": i % 3}) + "\n" for i in range(8)))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "broken.jsonl").write_text(good.read_text() + '{"premise": "cut off\n')
+    base = ["--task", "mnli", "--train.preset", "tiny", "--train.pack_len", "256", "--train.max_len", "64"]
+    cases = {"empty train": (["--train.train_file", "empty.jsonl", "--train.eval_files", "good.jsonl"], r"^empty.jsonl holds no rows"),
+             "empty eval": (["--train.train_file", "good.jsonl", "--train.eval_files", "empty.jsonl"], r"^empty.jsonl holds no rows"),
+             "malformed": (["--train.train_file", "broken.jsonl", "--train.eval_files", "good.jsonl"],
+                           r"^broken.jsonl:9: not a JSON line \(.*\): \{\"premise\": \"cut off$")}
+    for name, (args, message) in cases.items():
+        with pytest.raises(SystemExit, match=message) as e:
+            finetuner.main(base + args + ["--train.run_id", name.replace(" ", "-")])
+        print(f"{name}: {e.value}")
+        assert "\n" not in str(e.value) and not (tmp_path / "logs").exists() and not (tmp_path / "finetuned").exists()
+
+
+def test_score_squad_command_on_bad_or_partial_predictions(squad_dev, tmp_path):
+    """Not JSON, a JSON list, or predictions for half the questions: one line on stderr each;
+    missing predictions are scored as empty answers, so the scores are those of the file with
+    "" for every missing id."""
+    pred_dir = shared_path("data", "squad_v2", "predictions")
+    preds = json.load(open(pred_dir / "bert_single.json"))
+    half = dict(list(preds.items())[::2])
+    (tmp_path / "half.json").write_text(json.dumps(half))
+    (tmp_path / "list.json").write_text(json.dumps(list(preds.values())))
+    (tmp_path / "text.json").write_text("these are not predictions")
+    cmd = [sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", squad_dev]
+    for name, want in (("text.json", "text.json: not JSON"), ("list.json", "list.json: a JSON list, expected an object")):
+        r = subprocess.run(cmd + [str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+        print(f"{name}: exit {r.returncode}: {r.stderr.strip()}")
+        assert r.returncode == 1 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(cmd + [str(tmp_path / "half.json")], capture_output=True, text=True, timeout=120)
+    print(f"half.json: exit {r.returncode}: {r.stderr.strip()}")
+    assert r.returncode == 0 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"5,936 of 11,873 question ids have no prediction in {tmp_path / 'half.json'}, e.g. ")
+    filled = {q: half.get(q, "") for q in finetuner.load_squad_gold(squad_dev)}
+    assert json.loads(r.stdout) == finetuner.squad_v2_scores(finetuner.load_squad_gold(squad_dev), filled)
 
 
 def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
@@ -266,6 +318,7 @@ def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
                "--train.run_id", f"np{n}", "--train.out_dir", str(tmp_path / "ft")]
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "\r" not in r.stdout + r.stderr  # no progress bar when the output is not a terminal
         logs[n] = (re.findall(r"step:\d+/8 loss:([\d.]+)", r.stdout), re.findall(r'"accuracy": ([\d.]+)', r.stdout))
     print("1 process:", logs[1], "\n2 processes:", logs[2])
     assert len(logs[1][0]) == 4 and logs[1] == logs[2]

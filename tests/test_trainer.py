@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import trainer
 from bench import log_summary
 from data.shards import ShardError, open_shard, read_header, write_shard
@@ -233,10 +234,9 @@ def test_rank_chunks_deal_every_row_once():
 # -- the training step --------------------------------------------------------------------
 
 
-def step_setup(shards, micro, n_rows=8, seed=0, **train):
+def step_setup(shards, micro, n_rows=8, seed=0, dtype=torch.float32, **train):
     """A tiny model, its optimizer and one global batch of the synthetic shards (documents of
     uneven length, so micro-batches predict different numbers of tokens)."""
-    import common
 
     files = sorted(str(p) for p in shards.glob("syn_train_*.bin"))
     batch, first = trainer.PackedLoader(files, 128, seed=seed).next_batch(n_rows)
@@ -247,15 +247,18 @@ def step_setup(shards, micro, n_rows=8, seed=0, **train):
         for name, p in model.named_parameters():
             if name.endswith("proj.weight"):
                 p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    model.to(dtype)
     return model, trainer.build_optimizer(model, t), batch, first, t, common.Dist(0, 0, 1, torch.device("cpu"))
 
 
-def test_gradient_is_independent_of_the_micro_batch_size(shards):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_is_independent_of_the_micro_batch_size(shards, dtype):
     """The loss is normalised by the predicted tokens of the whole batch, so cutting the same
-    8 rows into micro-batches of 1, 2 or 8 gives the same gradient (fp32)."""
+    8 rows into micro-batches of 1, 2 or 8 gives the same gradient: to 1e-6 in fp32 (1e-4 for
+    the scalar gains, whose gradients cancel a lot), to 1e-12 for every parameter in fp64."""
     grads, losses_seen, counts = {}, {}, {}
     for micro in (8, 2, 1):
-        model, opt, batch, first, t, d = step_setup(shards, micro)
+        model, opt, batch, first, t, d = step_setup(shards, micro, dtype=dtype)
         forward = trainer.make_forward(model, compile=False, precision="fp32")
         out = trainer.train_step(model, opt, forward, batch, first, 5, t, d)
         grads[micro] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -273,17 +276,35 @@ def test_gradient_is_independent_of_the_micro_batch_size(shards):
           f"whole gradient {whole}, worst matrix {matrices}, worst gain {gains}")
     assert len(set(counts[8])) > 1  # the micro-batches do differ in predicted tokens
     assert all(torch.count_nonzero(g) for g in grads[8].values())
-    assert max(whole.values()) < 1e-6 and max(matrices.values()) < 1e-6
-    # the scalar gains' gradients are sums over every position with much cancellation (their
-    # norms are ~1e-3 of the embedding's): fp32 rounding alone leaves ~1e-5 there
-    assert max(gains.values()) < 1e-4
+    if dtype == torch.float64:
+        assert max(whole.values()) < 1e-12 and max(matrices.values()) < 1e-12 and max(gains.values()) < 1e-12
+    else:
+        assert max(whole.values()) < 1e-6 and max(matrices.values()) < 1e-6
+        # the scalar gains' gradients are sums over every position with much cancellation (their
+        # norms are ~1e-3 of the embedding's): fp32 rounding alone leaves ~1e-5 there
+        assert max(gains.values()) < 1e-4
     assert losses_seen[1] == pytest.approx(losses_seen[8], rel=1e-6)
+
+
+def test_static_rows_pad_a_short_micro_batch_without_changing_the_step(shards):
+    """The compiled path fills a short last micro-batch with [PAD] rows (one shape for the
+    compiler): the loss and the updated weights are those of the unpadded step."""
+    outs, weights = {}, {}
+    for static in (False, True):
+        model, opt, batch, first, t, d = step_setup(shards, micro=2, n_rows=5)
+        forward = trainer.make_forward(model, compile=False, precision="fp32")
+        outs[static] = trainer.train_step(model, opt, forward, batch, first, 5, t, d, static_rows=static)
+        weights[static] = [p.detach().clone() for p in model.parameters()]
+    diff = max((a - b).abs().max().item() for a, b in zip(weights[False], weights[True]))
+    print(f"5 rows in micro-batches of 2, padded vs not: loss {outs[False]['loss']:.6f} / {outs[True]['loss']:.6f}, "
+          f"max weight difference {diff:.1e}")
+    assert outs[False]["loss"] == pytest.approx(outs[True]["loss"], rel=1e-6) and diff < 1e-6
+    assert outs[False]["n_predicted"] == outs[True]["n_predicted"]
 
 
 def test_resume_with_new_learning_rates_uses_them(shards, monkeypatch):
     """A resume command's learning rates take effect: the resumed step equals a fresh optimizer
     loaded with the checkpoint's state and run at the new rates, not the old run's step."""
-    import common
 
     monkeypatch.chdir(shards)
     trainer.main(base_args(shards, "lr", steps=6) + ["--train.val_every", "0"])
@@ -338,15 +359,23 @@ def test_resume_gives_identical_losses(shards, monkeypatch):
     notes = []
     state = trainer.load_checkpoint(str(ck), notes.append)
     assert state["step"] == 6 and "step_0000009.pt" in notes[0]
+    with pytest.raises(SystemExit, match=r"^--train.steps 4 is below the checkpoint's step 6: give --train.steps above 6"):
+        trainer.main(["--train.resume", str(ck), "--train.steps", "4", "--train.run_id", "shorter"])
+    # the window schedule only sets the exported model's defaults: changing it on resume is allowed
+    grown = trainer.main(["--train.resume", str(ck / "step_0000003.pt"), "--train.run_id", "grown", "--train.steps", "4",
+                          "--train.global_window_end", "256"])
+    assert grown["history"][-1]["step"] == 4
 
 
 def test_one_vs_two_processes_same_losses(shards):
-    """With the batch-size warm-up on (1, 4, 8, 8 sequences: on 2 processes rank 1 idles at
-    step 1 and the ranks get unequal rows later), 1 and 2 processes run the same batches and
-    reach the same losses."""
+    """With the batch-size warm-up on (1, 4, 7, 7 sequences in micro-batches of 2: on 2
+    processes rank 1 idles at step 1, and at steps 3-4 rank 0 holds 4 rows, rank 1 holds 3
+    with a short last micro-batch), 1 and 2 processes run the same batches and reach the same
+    losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     args = base_args(shards, "x", steps=4) + ["--train.val_every", "0", "--train.save_every", "0",
-                                              "--train.batch_tokens_start", "128", "--train.batch_warmup_frac", "0.5"]
+                                              "--train.batch_tokens", "896", "--train.batch_tokens_start", "128",
+                                              "--train.batch_warmup_frac", "0.5"]
     runs, tokens = {}, {}
     for n in (1, 2):
         a = [x if x != "x" else f"np{n}" for x in args]
@@ -358,7 +387,7 @@ def test_one_vs_two_processes_same_losses(shards):
         tokens[n] = [int(v) for v in re.findall(r"^step:\d+/4 loss:.* real_tokens:(\d+)", r.stdout, re.M)]
     print("1 process:  ", runs[1], tokens[1])
     print("2 processes:", runs[2], tokens[2])
-    assert tokens[1] == tokens[2] == [128, 512, 1024, 1024]
+    assert tokens[1] == tokens[2] == [128, 512, 896, 896]
     assert len(runs[1]) == 4 and np.allclose(runs[1], runs[2], rtol=0, atol=2e-4)
 
 
@@ -413,9 +442,10 @@ def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = trainer.main(base_args(shards, "exp", steps=2) + ["--train.val_every", "0"])
     folder = out["export"]
-    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "hf_kbert.py", "model.py", "model.safetensors",
+                                          "tokenizer.json", "tokenizer_config.json"]  # a Hugging Face folder (tests/test_export.py)
     card = open(os.path.join(folder, "README.md")).read()
-    assert "tokens seen: 2,048" in card and "validation loss" in card
+    assert "tokens seen: 2,048" in card and "validation loss" in card and "trust_remote_code=True" in card
     model, config = trainer.load_encoder(folder)
     ckpt = torch.load(shards / "ck" / "exp" / "step_0000002.pt", weights_only=True)
     ref = KBERT(ModelConfig(**config["model"]))
@@ -434,7 +464,7 @@ def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
     """--train.precision bf16 (autocast over fp32 weights, Muon's orthogonalisation in bf16),
     with the residual stream in fp32 or bf16, trains on CPU and starts where the fp32 run starts."""
     monkeypatch.chdir(shards)
-    args = base_args(shards, "p", steps=2) + ["--train.val_every", "0", "--train.save_every", "0"]
+    args = base_args(shards, "p", steps=2) + ["--train.val_every", "0", "--train.save_every", "0", "--train.overwrite", "true"]
     runs = {name: losses(trainer.main(args + extra)["history"]) for name, extra in (
         ("fp32", []), ("bf16", ["--train.precision", "bf16"]),
         ("bf16 residual", ["--train.precision", "bf16", "--model.residual_fp32", "false"]))}
@@ -448,8 +478,13 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     monkeypatch.chdir(shards)
     with pytest.raises(SystemExit, match="download_fineweb_edu"):
         trainer.main(base_args(shards, "m") + ["--data.train_files", str(shards / "none_*.bin")])
-    with pytest.raises(SystemExit, match=r"unknown option --train.learning_rate.*--train.lr_muon"):
+    with pytest.raises(SystemExit, match=r"^unknown option --train.learning_rate \(--help lists every option\)$"):
         trainer.parse_args(["--train.learning_rate", "1"])
+    with pytest.raises(SystemExit, match=r"^unknown option --train.lr; did you mean --train.lr_muon or --train.lr_embed or "
+                                         r"--train.lr_scalar\? \(--help lists every option\)$"):
+        trainer.parse_args(["--train.lr", "1"])
+    with pytest.raises(SystemExit, match=r"did you mean --train.steps\?"):
+        trainer.parse_args(["--trian.steps", "1"])
     with pytest.raises(SystemExit, match="expected true/false"):
         trainer.parse_args(["--train.compile", "maybe"])
     with pytest.raises(SystemExit, match="expected int"):
@@ -460,11 +495,68 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
         trainer.parse_args(["--train.precision", "fp16"])
     with pytest.raises(SystemExit, match="unknown model preset"):
         trainer.parse_args(["--model.preset", "giant"])
+    with pytest.raises(SystemExit, match=r"--train.device 'gpu': choose auto \(cuda if available\), cpu, cuda or cuda:N"):
+        trainer.parse_args(["--train.device", "gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--train.device cuda: CUDA is not available"):
+            trainer.parse_args(["--train.device", "cuda"])
+    with pytest.raises(SystemExit, match="--data.train_files does not apply to --data.source pydoc"):
+        trainer.parse_args(["--demo", "--data.train_files", "mine_*.bin"])
+    assert trainer.parse_args(["--demo", "--data.seq_len", "256"]).data.seq_len == 256  # other --data.* are honoured
     assert trainer.parse_args(["--train.compile", "False"]).train.compile is False
+    assert not (shards / "logs" / "m.txt").exists()  # nothing was started: no log left behind
+
+
+def test_help_lists_every_option_with_its_default_and_description(capsys):
+    with pytest.raises(SystemExit) as e:
+        trainer.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = re.findall(r"^  --(\S+)( .*)?\n(?=(      \S)?)", text, re.M)
+    listed = [o[0] for o in options]
+    assert listed == common.valid_keys(trainer.GROUPS, trainer.HIDDEN) + ["demo"]  # grouped, in field order
+    assert all(o[2] for o in options), [o[0] for o in options if not o[2]]  # every option has a description
+    assert "--model.local_window" not in text  # derived from the schedule: rejected as an option
+    assert "  --train.lr_muon float (default: 0.02)\n      hidden matrices (Muon)" in text
+
+
+def test_a_bad_shard_fails_in_one_line_without_a_log(shards):
+    """A truncated shard, a random-bytes one and one with an id past the vocabulary, run as
+    users run it: exit 1, one line on stderr naming the file (and the bad id), no traceback, no
+    log of a run that never started."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
     raw = open(shards / "syn_train_000002.bin", "rb").read()
-    open(shards / "syn_train_000002.bin", "wb").write(raw[:-10])
-    with pytest.raises(ShardError, match="syn_train_000002.bin"):
-        trainer.main(base_args(shards, "m"))
+    ids = np.asarray(open_shard(str(shards / "syn_train_000002.bin"))).copy()
+    ids[1234] = 50304  # one id past the vocabulary, deep in the shard
+    write_shard(str(shards / "vocab.bin"), ids)
+    for name, data in (("truncated", raw[:-10]), ("random", np.random.default_rng(0).bytes(5000)),
+                       ("vocabulary", open(shards / "vocab.bin", "rb").read())):
+        open(shards / "syn_train_000002.bin", "wb").write(data)
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "trainer.py")] + base_args(shards, name), cwd=shards, env=env,
+                           capture_output=True, text=True, timeout=120)
+        print(f"{name} shard -> exit {r.returncode}: {r.stderr.strip()}")
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert "syn_train_000002.bin" in r.stderr and not (shards / "logs" / f"{name}.txt").exists()
+    assert "token id 50304 at position 1234 is not below the vocabulary size 50304" in r.stderr
+
+
+def test_run_ids_are_unique_and_an_existing_run_is_not_overwritten(shards, monkeypatch):
+
+    assert len({common.new_run_id("kbert") for _ in range(100)}) == 100  # one second, 100 different ids
+    monkeypatch.chdir(shards)
+    args = base_args(shards, "same", steps=1) + ["--train.val_every", "0"]
+    trainer.main(args)
+    before = {p: p.read_bytes() for p in [shards / "logs" / "same.txt", *(shards / "ck" / "same").iterdir()]}
+    with pytest.raises(SystemExit, match=r"run id 'same' is taken \(logs/same.txt, .*ck/same.*\): choose another "
+                                         r"--train.run_id, resume it with --train.resume .*ck/same, or pass --train.overwrite true"):
+        trainer.main(args)
+    assert all(p.read_bytes() == b for p, b in before.items())  # nothing touched
+    trainer.main(args + ["--train.overwrite", "true"])
+    assert open(shards / "logs" / "same.txt").read().count("==> config <==") == 1  # a fresh log, not an appended one
+    # resuming a run continues its log and checkpoints; an error after the log exists is recorded in it
+    with pytest.raises(SystemExit, match=r"the checkpoint.s model differs from this run.s \(d_model 64 -> 128; head_dim 32 -> 64\)"):
+        trainer.main(["--train.resume", str(shards / "ck" / "same"), "--train.steps", "2", "--model.d_model", "128"])
+    assert "differs from this run's" in open(shards / "logs" / "same.txt").read().splitlines()[-1]
 
 
 def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
@@ -482,3 +574,6 @@ def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     print("demo val_loss:", [f"{v:.3f}" for v in vals])
     assert len(vals) == 2 and vals[-1] < 7.5 and np.log(50257) > vals[-1]
     assert re.search(r"val_loss:\d+\.\d+", open(out["log"]).read())
+    # resumed without --demo: the checkpoint's config (the demo corpus, the tiny model) carries over
+    more = trainer.main(["--train.resume", f"checkpoints/{out['run_id']}", "--train.steps", "22", "--train.val_every", "0"])
+    assert [h["step"] for h in more["history"] if "acc" not in h] == [21, 22] and more["run_id"] == out["run_id"]
