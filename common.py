@@ -1,5 +1,6 @@
 """What trainer.py and finetuner.py share: CLI overrides of a dataclass config, distributed
-setup, the run log, atomic checkpoint files and the Hub-format export/load."""
+setup, the run log, stopping on a signal, the preflight of output folders, atomic checkpoint
+files and the Hub-format export/load."""
 import dataclasses
 import datetime
 import difflib
@@ -10,9 +11,14 @@ import os
 import platform
 import re
 import secrets
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 import typing
 
@@ -269,12 +275,131 @@ def refuse_existing_run(run_id: str, paths: list[str], resume_hint: str, d: Dist
 
 
 def atomic_torch_save(obj, path: str):
+    """torch.save into path.tmp<pid>, then renamed over path: a kill mid-write never leaves a
+    partial file under the final name. An exception mid-write (a second Ctrl-C, a full disk)
+    removes the temporary file; a SIGKILL leaves it, and a resumed run removes it."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def preflight(needs: list[tuple[str, int, str]], d: Dist) -> None:
+    """Before the first step: each (folder, bytes, option) can be created and written, and its
+    filesystem has room for the bytes the run will write there (summed over the folders that
+    share a filesystem). Rank 0 looks (it writes the checkpoints and exports) and every rank
+    follows its answer: a one-line exit naming the folder and the option. Folders this check
+    creates are removed again, so a run that fails later leaves no trace of its id."""
+    problem = None
+    if d.master:
+        room = {}  # filesystem -> [free bytes, bytes needed, options]
+        for folder, need, option in needs:
+            created, top = [], os.path.abspath(folder)
+            while not os.path.exists(top):  # the folders makedirs will create, deepest first
+                created.append(top)
+                top = os.path.dirname(top)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight"):
+                    pass
+                usage = shutil.disk_usage(folder)
+                device = os.stat(folder).st_dev
+            except OSError as e:
+                problem = f"preflight: cannot write to {folder} ({e.strerror or e}): fix it or choose another {option}"
+                break
+            finally:
+                for path in created:
+                    if os.path.isdir(path) and not os.listdir(path):
+                        os.rmdir(path)
+            entry = room.setdefault(device, [usage.free, 0, []])
+            entry[1] += need
+            entry[2].append(f"{option} {folder}: {need / 1e9:.2f} GB")
+        for free, need, parts in room.values():
+            if problem is None and free < need:
+                problem = (f"preflight: {free / 1e9:.2f} GB free where this run will write {need / 1e9:.2f} GB "
+                           f"({'; '.join(parts)}): free some space or point the option elsewhere")
+    problem = agree(problem, d)
+    if problem:
+        raise SystemExit(problem)
+
+
+# ----------------------------------------------------------------------------------------
+# Signals: SIGTERM / SIGINT stop a run at the end of a step, with a checkpoint
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the run to stop: the handler only records the signal, and the
+    training loop, which reads it at the end of each step (every rank's vote in one
+    all-reduce), finishes the step, saves and exits with the command that resumes. A second
+    SIGINT raises KeyboardInterrupt at once (an abort: nothing more is saved). One Ctrl-C in a
+    terminal reaches a torchrun worker twice, from the terminal (the whole process group) and
+    forwarded by torchrun, so a SIGINT within `same_s` of the first counts as the same one;
+    repeated SIGTERMs (a scheduler and torchrun both forwarding) just keep the request.
+    The handlers are installed on entering (main thread only) and the previous ones restored
+    on leaving."""
+
+    same_s = 1.0
+
+    def __init__(self):
+        self.signum, self.at, self.previous = None, 0.0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum, self.at = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.at > self.same_s:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal to another rank"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, what a shell reports for a process the signal ended."""
+        return 128 + (self.signum or signal.SIGTERM)
+
+
+def resume_command(script: str, argv: list[str], run_id: str, d: Dist) -> str:
+    """The command that continues this run: the same options, --train.resume auto and
+    --train.run_id RUN_ID in place of any given, under the launcher this run used."""
+    kept, i = [], 0
+    while i < len(argv):
+        key, eq, _ = argv[i].partition("=")
+        if key in ("--train.resume", "--train.run_id"):
+            i += 1 if eq else 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    here = os.path.relpath(script)
+    script = script if here.startswith("..") else here
+    launcher = ["python"]
+    if d.world > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={per_node}"] if per_node == d.world else \
+            ["torchrun", f"--nnodes={d.world // per_node}", f"--nproc_per_node={per_node}", "--rdzv_endpoint=HOST:PORT"]
+    return shlex.join(launcher + [script] + kept + ["--train.resume", "auto", "--train.run_id", run_id])
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,8 +429,6 @@ def save_pretrained(folder: str, state_dict: dict, config: dict, card: str, max_
     anything else to record (tokens_seen, task, metrics, ...)}. max_len: the tokenizer's
     model_max_length (default: the global window). Files 0644 and folders 0755 whatever the
     umask, so that other users can read an export (safetensors writes 0600)."""
-    import shutil
-
     from safetensors.torch import save_file
 
     record = {k: v for k, v in config.items() if k not in ("model", "architecture")}  # "architecture": the old format's
@@ -389,6 +512,10 @@ def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
 
     folder = path_or_repo
     if not os.path.isdir(folder):
+        # a path that looks local (./x, /x, ~/x, or under a folder that exists here: exports/x) is not a Hub id
+        looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.isdir(path_or_repo.split("/")[0])
+        if looks_local and not os.path.exists(folder):
+            raise FileNotFoundError(f"no such export folder: {path_or_repo} (a Hub id looks like USER/kbert-base)")
         if os.path.exists(folder) or path_or_repo.count("/") != 1:
             raise FileNotFoundError(f"{path_or_repo!r} is neither an export folder nor a Hub id like USER/kbert-base")
         from huggingface_hub import snapshot_download

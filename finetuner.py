@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=8 finetuner.py --task mnli --train.base_model USER/kbert-base
     python finetuner.py --task squad_v2 --train.base_model exports/RUN_ID
+    python finetuner.py --task mnli --train.seeds 0,1,2 --train.run_id NAME --train.resume auto  # re-queueable
     python finetuner.py --task blimp --train.base_model exports/RUN_ID [--train.blimp_pairs 100]
     python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]
 
@@ -378,6 +379,9 @@ class FinetuneConfig:
     hf_repo: str = ""  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
     run_id: str = ""  # logs/<run_id>.txt and out_dir/<run_id>/; empty: ft-<task>-<date>-<time>-<random>
     overwrite: bool = False  # reuse an existing run id, writing over its log and outputs
+    # "auto": continue --train.run_id (or start it): the seeds it finished are not redone, their saved results go
+    # into the summary; a seed that was stopped midway starts over (a seed is minutes to an hour of work)
+    resume: str = ""
     compile: bool = False  # CUDA only. Off by default: on torch 2.11 inductor failed to build the fused BlockMask +
     # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct.
     # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
@@ -386,6 +390,8 @@ class FinetuneConfig:
 
 
 GROUPS = {"train": FinetuneConfig}
+# options that name, place or launch a run without changing a seed's result
+RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every", "device", "out_dir")
 
 
 # ----------------------------------------------------------------------------------------
@@ -630,7 +636,10 @@ def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
         encoder = KBERT(ModelConfig(preset=cfg.preset, dropout=cfg.dropout))
         encoder.init_weights(seed=seed)
         return encoder
-    return trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)[0]
+    try:
+        return trainer.load_encoder(cfg.base_model, dropout=cfg.dropout)[0]
+    except FileNotFoundError as e:  # a missing folder or an unreachable Hub id: the message says which
+        raise SystemExit(f"--train.base_model: {e}") from None
 
 
 def build_model(cfg: FinetuneConfig, task: str, seed: int):
@@ -717,7 +726,10 @@ def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cf
 
 
 def load_finetuned(folder: str) -> tuple[TaskModel, dict]:
-    encoder, config = trainer.load_encoder(folder)
+    try:
+        encoder, config = trainer.load_encoder(folder)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     task = config.get("task")
     if task not in GLUE and task not in SQUAD:
         raise SystemExit(f"{folder}: config.json names no finetuned task")
@@ -753,8 +765,9 @@ def median_seed(per_seed: list[dict], split: str, metric: str) -> dict:
 class Runner:
     """One finetuning run (one seed) of one task, on 1 or N ranks."""
 
-    def __init__(self, task, cfg, d: common.Dist, log):
+    def __init__(self, task, cfg, d: common.Dist, log, signals: common.StopSignals | None = None, resume_cmd: str = ""):
         self.task, self.cfg, self.d, self.log = task, cfg, d, log
+        self.signals, self.resume_cmd = signals, resume_cmd
         self.cuda = d.device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
@@ -783,6 +796,19 @@ class Runner:
         labels = torch.tensor([batch_items[i]["label"] for i in order], device=self.d.device, dtype=dtype)
         return model.head.loss(logits, labels) * len(batch_items)
 
+    def stop_if_asked(self, where: str):
+        """After a step (or a seed): if a rank got SIGTERM/SIGINT, every rank stops here (one
+        small all-reduce, so all ranks agree) with the command that resumes."""
+        if self.signals is None:
+            return
+        asked = self.signals.requested
+        if self.d.world > 1:
+            asked = common.all_reduce_sum(torch.tensor([float(asked)], device=self.d.device), self.d).item() > 0
+        if asked:
+            self.log(f"{where}: stopped by {self.signals.name}; the finished seeds are saved (seed<k>/result.json and "
+                     f"model), an unfinished one starts over; resume with: {self.resume_cmd}")
+            raise SystemExit(self.signals.exit_code)
+
     def fit(self, model, train_items, seed):
         cfg, d = self.cfg, self.d
         self.prepare(model)
@@ -808,6 +834,7 @@ class Runner:
             opt.step()
             opt.zero_grad(set_to_none=True)
             seen += len(batch)
+            self.stop_if_asked(f"seed:{seed} step:{step + 1}/{steps}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 lv = common.all_reduce_sum(loss.detach().float(), d).item() / d.world
                 if not math.isfinite(lv):
@@ -892,19 +919,31 @@ def task_files(task: str, cfg: FinetuneConfig) -> tuple[str, dict]:
     return train, evals
 
 
-def start_run(prefix: str, cfg: FinetuneConfig, d: common.Dist) -> tuple[str, common.RunLog, str]:
+def start_run(prefix: str, cfg: FinetuneConfig, d: common.Dist, resumable: bool = True) -> tuple[str, common.RunLog, str]:
     """The run id (the same on every rank), its log (not written yet) and output folder; an
-    existing run's id is refused unless --train.overwrite."""
+    existing run's id is refused unless --train.overwrite or --train.resume auto."""
     run_id = common.agree(cfg.run_id or common.new_run_id(prefix), d)
     log, out_root = common.RunLog(run_id, d.master), os.path.join(cfg.out_dir, run_id)
-    if not cfg.overwrite:
-        common.refuse_existing_run(run_id, [log.path, out_root], "", d)
+    if not cfg.overwrite and cfg.resume != "auto":
+        hint = f"continue it with --train.resume auto --train.run_id {run_id}, " if resumable else ""
+        common.refuse_existing_run(run_id, [log.path, out_root], hint, d)
     return run_id, log, out_root
 
 
-def run_task(task: str, cfg: FinetuneConfig) -> dict:
-    """Data first (bad input fails in one line before anything is written), then the log and
-    one finetuning run per seed."""
+def export_bytes(cfg: FinetuneConfig) -> int:
+    """The size of one seed's exported model: the base model's weights file, or the preset's
+    fp32 weights counted on the meta device; 0 (unknown) for a Hub id."""
+    if cfg.base_model == "none":
+        with torch.device("meta"):
+            return sum(p.numel() * p.element_size() for p in KBERT(ModelConfig(preset=cfg.preset)).parameters())
+    path = os.path.join(cfg.base_model, "model.safetensors")
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
+    """Data first (bad input fails in one line before anything is written), the preflight of
+    the output folder, then the log and one finetuning run per seed, stopped cleanly by
+    SIGTERM or SIGINT."""
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run(f"ft-{task}", cfg, d)
     from tokenizer import Tokenizer
@@ -920,27 +959,51 @@ def run_task(task: str, cfg: FinetuneConfig) -> dict:
     else:
         train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path)
         eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
-    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device)
+    n_seeds = len(cfg.seeds.split(","))
+    common.preflight([(out_root, n_seeds * export_bytes(cfg), "--train.out_dir")], d)  # each seed's model
+    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device,
+               append=cfg.resume == "auto")
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
+    resume_cmd = common.resume_command(os.path.abspath(__file__), sys.argv[1:] if argv is None else argv, run_id, d)
     try:  # an expected failure from here on is recorded in the log too
-        summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items)
+        with common.StopSignals() as signals:
+            runner = Runner(task, cfg, d, log, signals, resume_cmd)
+            summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner)
     except SystemExit as e:
         if isinstance(e.code, str):
             log(e.code)
         common.cleanup_distributed(d)
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: no barrier, the other ranks may be anywhere
+        log(f"aborted by a second SIGINT; finished seeds are kept; resume with: {resume_cmd}")
+        if d.world > 1:
+            torch.distributed.destroy_process_group()
+        raise SystemExit(130) from None
     common.cleanup_distributed(d)
     return summary
 
 
-def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items) -> dict:
-    """Every seed: build, fit, evaluate on every split, save; then the summary over seeds and
-    the median seed's card (pushed with --train.hf_repo)."""
-    runner = Runner(task, cfg, d, log)
+def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner=None) -> dict:
+    """Every seed: build, fit, evaluate on every split, save (seed<k>/result.json last: the
+    seed is finished); then the summary over seeds and the median seed's card (pushed with
+    --train.hf_repo). With --train.resume auto a seed with a result.json is not redone."""
+    runner = runner or Runner(task, cfg, d, log)
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    # what a finished seed's result depends on: an earlier attempt's seed is reused only if these match
+    config = {k: v for k, v in common.config_to_dict(cfg).items() if k not in RUN_OPTIONS}
     per_seed = []
     for seed in seeds:
+        done = os.path.join(out_root, f"seed{seed}", "result.json")
+        earlier = common.agree(json.load(open(done)) if d.master and cfg.resume == "auto" and os.path.isfile(done) else None, d)
+        if earlier is not None:
+            differ = [f"{k} {earlier['config'].get(k)!r} -> {v!r}" for k, v in config.items() if earlier["config"].get(k) != v]
+            if differ:
+                raise SystemExit(f"--train.resume auto: seed {seed} of run {run_id} was finished with other options "
+                                 f"({'; '.join(differ)}): give them back, or start another --train.run_id")
+            log(f"seed:{seed} was finished by an earlier attempt: its results ({done}) and model are reused")
+            per_seed.append(earlier["result"])
+            continue
         model = build_model(cfg, task, seed).to(d.device)
         if cfg.epochs:
             fit = runner.fit(model, train_items, seed)
@@ -954,6 +1017,10 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
         per_seed.append(result)
         if d.master:
             export_finetuned(model, task, result, os.path.join(out_root, f"seed{seed}", "model"), cfg, log)
+            with open(done + ".tmp", "w") as f:
+                json.dump({"result": result, "config": config}, f, indent=2)
+            os.replace(done + ".tmp", done)
+        runner.stop_if_asked(f"seed:{seed} finished")  # a signal during evaluation or export stops here
     summary = {"task": task, "run_id": run_id, "seeds": per_seed, "summary": seed_summary(per_seed, eval_items)}
     for name, s in summary["summary"].items():
         log(f"{name}: median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}, std {s['std']:.2f}, n={s['n']})")
@@ -981,7 +1048,7 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
     """Score an encoder on BLiMP, no training: out_dir/<run_id>/metrics.json (mean accuracy over
     paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
     d = common.setup_distributed(cfg.device)
-    run_id, log, out_root = start_run("blimp", cfg, d)
+    run_id, log, out_root = start_run("blimp", cfg, d, resumable=False)
     from tokenizer import Tokenizer
 
     path = cfg.eval_files or os.path.join(cfg.data_dir, "blimp", "blimp.jsonl")
@@ -1036,6 +1103,12 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"--task is required: one of {', '.join(TASKS)} (--help lists every option)")
     cfg = FinetuneConfig(**overrides["train"])
     common.check_device(cfg.device)
+    if cfg.resume not in ("", "auto"):
+        raise SystemExit(f"--train.resume {cfg.resume!r}: the finetuner resumes with auto (and --train.run_id): "
+                         "finished seeds are kept, an unfinished one starts over")
+    if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
+        raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
+                         "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
     if task == "blimp":
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
@@ -1051,7 +1124,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
     if task in SQUAD:
         check_doc_stride(cfg)
-    return run_task(task, cfg)
+    return run_task(task, cfg, argv)
 
 
 if __name__ == "__main__":

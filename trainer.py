@@ -3,17 +3,20 @@
     python trainer.py --demo                                  # tiny model, CPU, a few minutes
     torchrun --standalone --nproc_per_node=8 trainer.py       # KBERT-base on FineWeb-EDU 10B
     torchrun ... trainer.py --train.resume checkpoints/RUN_ID # continue a run exactly (its config, plus any options given)
+    torchrun ... trainer.py --train.run_id NAME --train.resume auto   # re-queueable: continues NAME, or starts it
 
 Every hyperparameter is a field below, overridable as `--group.key value`.
 Sections: hyperparameters -> distributed setup and logging -> data -> masking ->
 model and optimizer -> schedules -> checkpoints and export -> training loop.
 """
+import collections
 import dataclasses
 import glob
 import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -70,9 +73,22 @@ class TrainConfig:
     save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept per run
     checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
-    # a checkpoint file or a checkpoint folder (its newest good file). The run continues with the
-    # checkpoint's config; options given on the command line override it (the log lists what changed)
+    # a checkpoint file or a checkpoint folder (its newest good file), or "auto": the newest good checkpoint of
+    # --train.run_id if it has one, else that run starts fresh, so one command can be re-queued after any
+    # interruption. The run continues with the checkpoint's config; options given on the command line override
+    # it (the log lists what changed)
     resume: str = ""
+    # also save when this many minutes passed since the last save, by rank 0's clock (0: off). A crash that
+    # sends no signal (a lost node, an OOM kill) then costs at most this much work, for a checkpoint of base
+    # that took 3-6 s to write (1.34 GB, CPU development machine): ~0.3% of 30 minutes
+    save_every_minutes: float = 30.0
+    # a bad step: a non-finite loss or gradient, or a loss spike (spike_factor). "stop": stop there, keeping the
+    # last good checkpoint; "rollback": reload the last good checkpoint, skip the data trained on since it (up
+    # to and including the bad step's batch: the stream moves on, nothing is re-read) and go on
+    on_bad_step: str = "stop"
+    spike_factor: float = 0.0  # a loss above this x the median of the last spike_window losses is bad; 0: off
+    spike_window: int = 100  # losses in that median; spikes are looked for once there are that many
+    max_rollbacks: int = 3  # rollbacks per run (counted across resumes); one bad step more stops the run
     export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
     hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
     compile: bool = True  # torch.compile on CUDA (never on CPU)
@@ -176,6 +192,12 @@ def check(hp: Hyperparameters):
         raise SystemExit("--train.steps must be >= 1")
     if t.micro_batch_seqs < 1:
         raise SystemExit("--train.micro_batch_seqs must be >= 1")
+    if t.on_bad_step not in ("stop", "rollback"):
+        raise SystemExit(f"--train.on_bad_step must be stop or rollback, got {t.on_bad_step!r}")
+    if t.spike_factor and t.spike_factor <= 1:
+        raise SystemExit(f"--train.spike_factor {t.spike_factor:g} would flag ordinary steps: give a factor above 1, or 0 (off)")
+    if t.spike_window < 1 or t.max_rollbacks < 0 or t.save_every_minutes < 0:
+        raise SystemExit("--train.spike_window must be >= 1, --train.max_rollbacks and --train.save_every_minutes >= 0")
     common.check_device(t.device)
 
 
@@ -516,13 +538,17 @@ def checkpoint_paths(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "step_*.pt")))
 
 
-def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tokens_seen: int, hp: Hyperparameters, keep: int, log):
+def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tokens_seen: int, hp: Hyperparameters, keep: int, log,
+                    extra: dict | None = None) -> str | None:
+    """folder/step_NNNNNNN.pt, written atomically by rank 0, the oldest beyond `keep` removed;
+    extra: more to record (the spike test's recent losses, the rollbacks). Returns the path
+    (None on other ranks)."""
     opt_state = opt.state_dict()  # collective: every rank must call it
     if not log.master:
-        return
+        return None
     os.makedirs(folder, exist_ok=True)
     state = {"run_id": run_id, "step": step, "tokens_seen": tokens_seen, "model": model.state_dict(), "optimizer": opt_state,
-             "loader": loader.state_dict(), "rng_cpu": torch.get_rng_state(), "config": common.config_to_dict(hp)}
+             "loader": loader.state_dict(), "rng_cpu": torch.get_rng_state(), "config": common.config_to_dict(hp), **(extra or {})}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state()
     path = os.path.join(folder, f"step_{step:07d}.pt")
@@ -530,6 +556,19 @@ def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tok
     for old in checkpoint_paths(folder)[:-keep]:
         os.remove(old)
     log(f"step:{step} saved checkpoint {path}")
+    return path
+
+
+def checkpoint_bytes(hp: Hyperparameters) -> tuple[int, int]:
+    """(a checkpoint, the exported weights) of this model in bytes, counted on the meta device
+    (no memory, no time): the fp32 weights, plus Muon's momentum (one per hidden matrix) and
+    AdamW's two moments (the rest); the loader state, RNG and config add a few kB."""
+    with torch.device("meta"):
+        model = KBERT(hp.model)
+    opt = build_optimizer(model, hp.train)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix once, as torch.save stores it
+    moments = sum((1 if g["kind"] == "muon" else 2) * p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    return weights + moments, weights
 
 
 def load_checkpoint(path: str, log) -> dict:
@@ -656,13 +695,15 @@ def rank_chunks(n_rows: int, micro: int, world: int, rank: int) -> list[tuple[in
 
 
 def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: int, step: int, t: TrainConfig,
-               d: common.Dist, static_rows: bool = False) -> dict:
+               d: common.Dist, static_rows: bool = False, votes=None) -> dict:
     """One optimizer step over the global batch (n_rows, T) whose first row is sequence
     `first` of the stream. Every rank holds the whole batch and takes its micro-batches; the
     loss is the sum over all predicted tokens of the global batch divided by their number,
     so the step is the same math for any world size and any micro-batch size.
     static_rows: fill a short last micro-batch with [PAD] rows (no labels, no gradient) so a
-    compiled model sees one shape. The gradients stay on the parameters after the step."""
+    compiled model sees one shape. votes: a function giving this rank's (stop, save) votes,
+    read just before the step's all-reduce; "stop" and "save" in the result count the ranks
+    that voted, the same number on every rank. The gradients stay on the parameters after the step."""
     windows_py = windows_at(step, t)
     windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
     mask_rate, rnd, keep = masking_at(step, t)
@@ -695,23 +736,35 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
     # this rank's gradient norm (the whole batch's on 1 process); NaN/inf flags a bad step
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     opt.step()
-    # the loss and how many ranks saw a non-finite gradient, in one all-reduce
-    stats = common.all_reduce_sum(torch.stack([loss_sum, (~grad_norm.isfinite()).float()]), d)
-    loss_total, bad_grad_ranks = stats.tolist()  # syncs
+    # the loss, how many ranks saw a non-finite gradient and the ranks' votes to stop (a signal)
+    # or to save (rank 0's clock), in one all-reduce: every rank then takes the same decisions
+    mine = torch.tensor(votes() if votes else (0.0, 0.0), dtype=loss_sum.dtype, device=d.device)
+    stats = common.all_reduce_sum(torch.cat([torch.stack([loss_sum, (~grad_norm.isfinite()).float()]), mine]), d)
+    loss_total, bad_grad_ranks, stop, save = stats.tolist()  # syncs
     n_pred_value = int(n_pred.item())
     return {"loss": loss_total / max(1, n_pred_value), "grad_norm": grad_norm.item(), "bad_grad_ranks": int(bad_grad_ranks),
-            "n_predicted": n_pred_value, "real_tokens": int((batch != PAD_ID).sum()), "lrs": lrs,
+            "stop": int(stop), "save": int(save), "n_predicted": n_pred_value, "real_tokens": int((batch != PAD_ID).sum()), "lrs": lrs,
             "windows": windows_py, "mask_rate": mask_rate}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Config, distributed setup, data and the run's log, checked in that order so that bad
-    input fails in one line before anything is written; then train()."""
+    """Config, distributed setup, data, the preflight of the output folders and the run's log,
+    checked in that order so that bad input fails in one line before anything is written; then
+    train(), stopped cleanly by SIGTERM or SIGINT."""
     argv = sys.argv[1:] if argv is None else argv
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
-    resume = cli(argv)[0]["train"].get("resume", "")
+    given = cli(argv)[0]["train"]
+    resume = given.get("resume", "")
     notes = []  # what loading the checkpoint found, for the run log
-    resume_state = load_checkpoint(resume, notes.append) if resume else None
+    if resume == "auto":
+        if not given.get("run_id"):
+            raise SystemExit("--train.resume auto needs --train.run_id NAME: the run to continue, or to start under that name")
+        folder = os.path.join(given.get("checkpoint_dir", TrainConfig.checkpoint_dir), given["run_id"])
+        resume_state = load_checkpoint(folder, notes.append) if checkpoint_paths(folder) else None
+        if resume_state is None:
+            notes.append(f"--train.resume auto: run {given['run_id']} has no checkpoint in {folder}: starting it")
+    else:
+        resume_state = load_checkpoint(resume, notes.append) if resume else None
     hp = parse_args(argv, saved=resume_state["config"] if resume_state else None)
     t, dc = hp.train, hp.data
     if resume_state is not None and resume_state["step"] > t.steps:
@@ -720,10 +773,12 @@ def main(argv: list[str] | None = None) -> dict:
     d = common.setup_distributed(t.device)
     run_id = common.agree(t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert")), d)
     log = common.RunLog(run_id, d.master)
-    ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
+    ckpt_dir, export_dir = os.path.join(t.checkpoint_dir, run_id), os.path.join(t.export_dir, run_id)
     if resume_state is None and not t.overwrite:
-        common.refuse_existing_run(run_id, [log.path, ckpt_dir, os.path.join(t.export_dir, run_id)],
-                                   f"resume it with --train.resume {ckpt_dir}, ", d)
+        # auto without a checkpoint: the run was stopped before its first save and has nothing to lose but
+        # its log, which is appended to; an export without checkpoints is a finished run: refused
+        taken = [export_dir] if t.resume == "auto" else [log.path, ckpt_dir, export_dir]
+        common.refuse_existing_run(run_id, taken, f"resume it with --train.resume auto --train.run_id {run_id}, ", d)
 
     # data: every shard's header now, token ids as each shard is loaded
     if dc.source == "pydoc":
@@ -740,16 +795,29 @@ def main(argv: list[str] | None = None) -> dict:
     except ShardError as e:
         raise SystemExit(f"error: {e}") from None
 
+    # preflight: the checkpoints (the ones kept + the one being written) and the export fit where they go
+    ckpt_bytes, weight_bytes = checkpoint_bytes(hp)
+    n_ckpt = max(2, t.keep_checkpoints + 1 - len(checkpoint_paths(ckpt_dir)))
+    common.preflight([(ckpt_dir, n_ckpt * ckpt_bytes, "--train.checkpoint_dir"),
+                      (export_dir, weight_bytes, "--train.export_dir")], d)
+
     log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
-               common.config_to_dict(hp), d.device, append=resume_state is not None)
+               common.config_to_dict(hp), d.device, append=resume_state is not None or t.resume == "auto")
     log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
+    for note in notes:
+        log(note)
     if resume_state is not None:
-        for note in notes:
-            log(note)
         changes = config_changes(resume_state["config"], hp)
         log("config: the checkpoint's" + ("; changed by the command line: " + "; ".join(changes) if changes else ", unchanged"))
+    if d.master and t.resume:
+        for partial in glob.glob(os.path.join(ckpt_dir, "step_*.pt.tmp*")):  # left by a write a SIGKILL cut short
+            os.remove(partial)
+            log(f"removed {partial}, a checkpoint whose write was interrupted")
+    resume_cmd = common.resume_command(os.path.abspath(__file__), argv, run_id, d)
+    signals = common.StopSignals()
     try:  # from here on an expected failure is recorded in the log too
-        out = train(hp, d, log, run_id, loader, val_batch, resume_state)
+        with signals:
+            out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd)
     except SystemExit as e:
         if isinstance(e.code, str):
             log(e.code)
@@ -759,16 +827,48 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"error: {e}")
         common.cleanup_distributed(d)
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: no barrier, the other ranks may be anywhere
+        log(f"aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: {resume_cmd}")
+        if d.world > 1:
+            torch.distributed.destroy_process_group()
+        raise SystemExit(130) from None
     common.cleanup_distributed(d)
     if dc.source == "pydoc" and out["export"]:
-        log(f"next: the exported model is {out['export']}")
+        log(f"next: the exported model is {out['export']}; fill a [MASK] with it:\n  python -c \"from transformers import "
+            f"pipeline; print(pipeline('fill-mask', model='{out['export']}', trust_remote_code=True)"
+            f"('Use the [MASK] keyword to define a function.', top_k=3))\"")
     return out
 
 
+def bad_step(out: dict, recent: collections.deque, t: TrainConfig, world: int) -> str | None:
+    """Why a step is bad, or None: a non-finite loss or gradient on any rank, or (spike_factor
+    > 0) a loss above spike_factor x the median of the last spike_window losses, once there
+    are that many. The values are all-reduced, so every rank decides alike."""
+    if not math.isfinite(out["loss"]) or out["bad_grad_ranks"]:
+        return f"loss is {out['loss']}, gradients non-finite on {out['bad_grad_ranks']} of {world} ranks"
+    if t.spike_factor > 0 and len(recent) >= t.spike_window:
+        median = statistics.median(list(recent)[-t.spike_window:])
+        if out["loss"] > t.spike_factor * median:
+            return (f"loss {out['loss']:.4f} is a spike, above {t.spike_factor:g} x {median:.4f}, the median of the last "
+                    f"{t.spike_window} losses")
+    return None
+
+
+def restore(model, opt, state: dict, cuda: bool):
+    """A checkpoint's weights, optimizer state (moments and step counts; the lrs are this run's
+    config) and RNG: for a resume, and for a rollback."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if cuda and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+
+
 def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedLoader, val_batch: np.ndarray,
-          resume_state: dict | None) -> dict:
+          resume_state: dict | None, signals: common.StopSignals | None = None, resume_cmd: str = "") -> dict:
     """Model, optimizer, the restored state of a resumed run, then the loop: validation and
-    checkpoints at their intervals, one train_step per step, the export at the end."""
+    checkpoints at their intervals (and on a signal, after which the run stops), one
+    train_step per step, a bad step stopping the run or rolled back, the export at the end."""
     t = hp.train
     torch.manual_seed(t.seed)
     model = KBERT(hp.model)
@@ -783,6 +883,8 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
     forward = make_forward(model, compile=compiled, precision=t.precision)
 
     step, tokens_seen = 0, 0
+    recent = collections.deque(maxlen=t.spike_window)  # the latest training losses: the spike test's median
+    rollbacks = []  # {"step", "seqs": [first, end) skipped, "loss", "why"}: saved with checkpoints, so counted per run
     if resume_state is not None:
         # the windows only set the exported model's defaults (a schedule may change them); the rest shapes the weights
         saved, now = resume_state["config"]["model"], common.config_to_dict(hp)["model"]
@@ -791,19 +893,25 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         if differ:
             raise SystemExit(f"--train.resume: the checkpoint's model differs from this run's ({'; '.join(differ)}); "
                              "drop the --model.* options that change it")
-        model.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["optimizer"])  # moments and step counts; the lrs are this run's config
-        torch.set_rng_state(resume_state["rng_cpu"])
-        if cuda and "rng_cuda" in resume_state:
-            torch.cuda.set_rng_state(resume_state["rng_cuda"])
+        restore(model, opt, resume_state, cuda)
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-    start_step = step
+        recent.extend(resume_state.get("recent_losses", []))
+        rollbacks = list(resume_state.get("rollbacks", []))
+    start_step = step  # where the weights were loaded: no validation or save repeated there
 
     peak = peak_flops(d.device)
     ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
     val, history = None, []
     train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
     log("step lines: lr_* are each group's learning rate; real_tokens, real_tok/s and mfu count non-[PAD] tokens")
+    last_save = time.monotonic()  # rank 0's clock decides the time-based saves
+    saved_step = None  # the step of this run's last checkpoint: the state a rollback returns to
+    window_start = loader.seq_index  # the first sequence trained on since that state
+    stop = save_now = False  # the ranks' votes of the last step
+
+    def votes():  # this rank's (stop, save) votes, read at the end of each step
+        due = d.master and t.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * t.save_every_minutes
+        return float(signals is not None and signals.requested), float(due)
 
     while True:
         last = step == t.steps
@@ -814,8 +922,15 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
             log(f"step:{step}/{t.steps} val_loss:{val['loss']:.4f} val_acc:{val['acc']:.4f} "
                 f"train_time:{train_time * 1000:.0f}ms real_tokens_seen:{tokens_seen}")
             history.append({"step": step, **val})
-        if last or (t.save_every and step % t.save_every == 0 and step > start_step):
-            save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log)
+        # with rollback on, a run saves its start: the state a bad step before its first save returns to
+        if (last or (t.save_every and step % t.save_every == 0 and step > start_step) or save_now or stop
+                or (saved_step is None and t.on_bad_step == "rollback")):
+            path = save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log,
+                                   {"recent_losses": list(recent), "rollbacks": rollbacks})
+            last_save, saved_step, window_start = time.monotonic(), step, loader.seq_index
+        if stop and not last:
+            log(f"step:{step} stopped by {signals.name}: saved {path}; resume with: {resume_cmd}")
+            raise SystemExit(signals.exit_code)
         if last:
             break
 
@@ -823,19 +938,39 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         batch, first = loader.next_batch(batch_seqs_at(step, t, hp.data.seq_len))  # every rank packs the whole batch
-        out = train_step(model, opt, forward, batch, first, step, t, d, static_rows=compiled)
+        out = train_step(model, opt, forward, batch, first, step, t, d, static_rows=compiled, votes=votes)
         dt = time.perf_counter() - t0
         step += 1
-        tokens_seen += out["real_tokens"]
-        if not math.isfinite(out["loss"]) or out["bad_grad_ranks"]:
+        stop, save_now = out["stop"] > 0, out["save"] > 0
+        why = bad_step(out, recent, t, d.world)
+        report = nonfinite_report(model) if why and why.startswith("loss is") else ""
+        if why and t.on_bad_step == "rollback" and len(rollbacks) < t.max_rollbacks:
+            state = load_checkpoint(os.path.join(ckpt_dir, f"step_{saved_step:07d}.pt"), lambda note: None)
+            skipped = [window_start, loader.seq_index]
+            rollbacks.append({"step": step, "seqs": skipped, "loss": out["loss"], "why": why})
+            log(f"step:{step} {why}: rollback {len(rollbacks)}/{t.max_rollbacks} to step {state['step']}, skipping "
+                f"sequences {skipped[0]}-{skipped[1] - 1} of the stream ({skipped[1] - skipped[0]} sequences: the data "
+                f"trained on since that state, the bad step's batch included)" + (f"\n{report}" if report else ""))
+            restore(model, opt, state, cuda)
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            recent.clear()
+            recent.extend(state.get("recent_losses", []))
+            history = [h for h in history if h["step"] <= step]
+            # saved at once: a kill right after the rollback resumes past the skipped data, not into it
+            start_step, save_now = step, True
+            continue
+        if why:
             saved = checkpoint_paths(ckpt_dir)
             where = (f"the last good checkpoint {saved[-1]} is kept; resume it with lower learning rates, e.g. "
                      f"--train.resume {ckpt_dir} --train.lr_muon {t.lr_muon / 2:g} --train.lr_embed {t.lr_embed / 2:g} "
                      f"(options given on resume override the checkpoint's config)") if saved else \
                 "no checkpoint was saved yet (see --train.save_every)"
-            log(f"step:{step} loss is {out['loss']}, gradients non-finite on {out['bad_grad_ranks']} of {d.world} ranks: "
-                f"stopping; {where}\n{nonfinite_report(model)}")
+            more = (f"; {len(rollbacks)} rollback(s), the most --train.max_rollbacks {t.max_rollbacks} allows"
+                    if t.on_bad_step == "rollback" else "; --train.on_bad_step rollback would skip the data and go on")
+            log(f"step:{step} {why}: stopping; {where}{more}" + (f"\n{report}" if report else ""))
             raise SystemExit(2)
+        recent.append(out["loss"])
+        tokens_seen += out["real_tokens"]
         if step > 1 or not compiled:
             train_time += dt
         history.append({"step": step, "loss": out["loss"]})
@@ -850,7 +985,7 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
 
     folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
     return {"run_id": run_id, "history": history, "val": val, "export": folder, "log": log.path,
-            "train_time_s": train_time, "tokens_seen": tokens_seen}
+            "train_time_s": train_time, "tokens_seen": tokens_seen, "rollbacks": rollbacks}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""common.py: the Hub push (retries, the local copy kept, no token in anything it logs)."""
+"""common.py: the Hub push (retries, the local copy kept, no token in anything it logs);
+stop signals, interrupted atomic saves, the resume command."""
+import os
+import signal
+
+import pytest
+import torch
+
 import common
 
 ENV_TOKEN = "hf_EnvSecretToken0123456789abcdef"  # HF_TOKEN
@@ -70,3 +77,44 @@ def test_push_to_hub_retries_keeps_local_copy_and_never_shows_the_token(tmp_path
     print("\n".join(lines[-2:]))
     assert_clean()
     assert ok is False and "Invalid user token" in lines[-2]
+
+
+def test_stop_signals_ask_once_and_a_second_sigint_aborts():
+    """SIGTERM or SIGINT only record a request (the loop stops at the step's end); repeats
+    within same_s (one Ctrl-C that reaches a torchrun worker from the terminal and again
+    through torchrun) and repeated SIGTERMs change nothing; a later SIGINT aborts at once;
+    the previous handlers come back."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with common.StopSignals() as s:
+        assert not s.requested and s.name == "a signal to another rank"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert s.requested and s.name == "SIGTERM" and s.exit_code == 143
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # within a second of the first: the same request
+        assert s.name == "SIGTERM"
+        s.same_s = 0.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_an_interrupted_atomic_save_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "step_0000001.pt")
+    common.atomic_torch_save({"step": 1}, path)
+
+    def interrupted(obj, f):  # half a file, then a second Ctrl-C
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_torch_save({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["step_0000001.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_resume_command_keeps_the_options_and_names_the_run():
+    argv = ["--demo", "--train.run_id=old", "--train.resume", "checkpoints/old", "--data.train_files", "a b/*.bin"]
+    one = common.resume_command("/x/trainer.py", argv, "old", common.Dist(0, 0, 1, torch.device("cpu")))
+    assert one == "python /x/trainer.py --demo --data.train_files 'a b/*.bin' --train.resume auto --train.run_id old"
+    assert common.resume_command("/x/trainer.py", [], "r", common.Dist(0, 0, 8, torch.device("cpu"))).startswith(
+        "torchrun --standalone --nproc_per_node=8 /x/trainer.py --train.resume auto")

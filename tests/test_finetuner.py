@@ -276,6 +276,10 @@ def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch
             finetuner.main(base + args + ["--train.run_id", name.replace(" ", "-")])
         print(f"{name}: {e.value}")
         assert "\n" not in str(e.value) and not (tmp_path / "logs").exists() and not (tmp_path / "finetuned").exists()
+    (tmp_path / "exports").mkdir()  # a local folder of that name: exports/... is a path, not a Hub id
+    with pytest.raises(SystemExit, match=r"^--train.base_model: no such export folder: exports/does-not-exist \("):
+        finetuner.main(base + ["--train.train_file", "good.jsonl", "--train.eval_files", "good.jsonl",
+                               "--train.base_model", "exports/does-not-exist", "--train.run_id", "missing-model"])
 
 
 def test_score_squad_command_on_bad_or_partial_predictions(squad_dev, tmp_path):
@@ -443,3 +447,53 @@ def test_weight_decay_is_wd_times_schedule_multiplier_whatever_the_lr():
                 if not torch.allclose(new[n].detach(), want, rtol=1e-6, atol=0):
                     wrong.append(f"{optimizer} lr {lr:g}: {n}")
     assert not wrong, wrong
+
+
+def test_a_stopped_multi_seed_run_resumes_without_redoing_finished_seeds(tmp_path, monkeypatch, tok):
+    """SIGTERM (a real signal to this process) during seed 1's second step of seeds 0,1: the
+    step finishes and the run exits 143 naming the command that resumes. That command (a rerun
+    with --train.resume auto) does not train seed 0 again but reuses its saved result, trains
+    seed 1 from its start to what a run of seed 1 alone gives, and summarizes both."""
+    import re
+    import shlex
+    import signal
+
+    data = write_stsb(tmp_path / "stsb.jsonl")
+    args = STSB_ARGS + ["--train.train_file", str(data), "--train.eval_files", str(data), "--train.seeds", "0,1",
+                        "--train.run_id", "st", "--train.resume", "auto"]
+    real_fit, real_loss, fitted, calls = finetuner.Runner.fit, finetuner.Runner.loss_on, [], [0]
+
+    def fit(self, model, items, seed):
+        fitted.append(seed)
+        return real_fit(self, model, items, seed)
+
+    def loss_on(self, model, items):
+        calls[0] += 1
+        if calls[0] == 6 + 2:  # 48 rows in batches of 16 for 2 epochs: 6 steps a seed
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, model, items)
+
+    monkeypatch.setattr(finetuner.Runner, "fit", fit)
+    monkeypatch.setattr(finetuner.Runner, "loss_on", loss_on)
+    with pytest.raises(SystemExit) as e:
+        run(args, tmp_path)
+    assert e.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+    root = tmp_path / "finetuned" / "st"
+    line = open(tmp_path / "logs" / "st.txt").read().splitlines()[-1]
+    print(line)
+    m = re.fullmatch(r"seed:1 step:2/6: stopped by SIGTERM; .* resume with: (.*)", line)
+    command = shlex.split(m[1])
+    assert command[:2] == ["python", os.path.join(ROOT, "finetuner.py")]
+    assert (root / "seed0" / "result.json").is_file() and not (root / "seed1" / "result.json").exists()
+    saved = json.load(open(root / "seed0" / "result.json"))["result"]
+    with pytest.raises(SystemExit, match=r"seed 0 of run st was finished with other options \(lr 5e-05 -> 0.001\)"):
+        run(args + ["--train.lr", "1e-3"], tmp_path)
+    fitted.clear()
+    out = run(command[2:], tmp_path)
+    assert fitted == [1] and out["seeds"][0] == saved and out["summary"]["stsb/pearson"]["n"] == 2
+    alone = run(STSB_ARGS + ["--train.train_file", str(data), "--train.eval_files", str(data), "--train.seeds", "1",
+                             "--train.run_id", "st1"], tmp_path)["seeds"][0]
+    print("seed 1 after the resume:", out["seeds"][1]["stsb"], "\nseed 1 alone:", alone["stsb"])
+    assert {k: v for k, v in out["seeds"][1]["stsb"].items() if "per_s" not in k} == \
+        {k: v for k, v in alone["stsb"].items() if "per_s" not in k}
+    assert "seed:0 was finished by an earlier attempt" in open(tmp_path / "logs" / "st.txt").read()

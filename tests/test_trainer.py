@@ -1,10 +1,15 @@
 """Pretraining pipeline: shards, packing loader, masking, 1 vs 2 processes, resume,
-export/load, bad inputs."""
+export/load, bad inputs; runs that survive signals, kills and bad steps."""
+import collections
 import dataclasses
 import json
 import math
 import os
+import random
 import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,6 +18,7 @@ import pytest
 import torch
 
 import common
+import tokenizer
 import trainer
 from bench import log_summary
 from data.shards import ShardError, open_shard, read_header, write_shard
@@ -32,16 +38,20 @@ def synthetic_docs(n_docs, seed, start=0, max_len=300):
     return docs
 
 
-@pytest.fixture
-def shards(tmp_path):
+def write_synthetic_shards(folder):
     """Two small train shards (the second starting mid-document) and one val shard."""
     docs = synthetic_docs(120, seed=0)
     flat = np.concatenate(docs)
     cut = len(flat) // 2 + 7
-    write_shard(str(tmp_path / "syn_train_000001.bin"), flat[:cut])
-    write_shard(str(tmp_path / "syn_train_000002.bin"), flat[cut:])
-    write_shard(str(tmp_path / "syn_val_000000.bin"), np.concatenate(synthetic_docs(30, seed=1, start=45000)))
-    return tmp_path
+    write_shard(str(folder / "syn_train_000001.bin"), flat[:cut])
+    write_shard(str(folder / "syn_train_000002.bin"), flat[cut:])
+    write_shard(str(folder / "syn_val_000000.bin"), np.concatenate(synthetic_docs(30, seed=1, start=45000)))
+    return folder
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_synthetic_shards(tmp_path)
 
 
 def base_args(tmp, run_id, steps=6):
@@ -355,6 +365,10 @@ def test_resume_gives_identical_losses(shards, monkeypatch):
     assert len(a) == 6 and b == a[3:]
     assert resumed["val"]["loss"] == full["val"]["loss"]
     # a kill mid-write leaves a partial newer file: the folder resume skips it and says so
+    # the preflight's size estimate (weights, Muon momentum, AdamW moments) against a real checkpoint
+    estimate, real = trainer.checkpoint_bytes(trainer.parse_args(base_args(shards, "full")))[0], os.path.getsize(ck / "step_0000006.pt")
+    print(f"checkpoint of tiny: {real:,} bytes on disk, {estimate:,} estimated")
+    assert abs(real - estimate) < 0.01 * real
     open(ck / "step_0000009.pt", "wb").write(b"garbage from an interrupted write")
     notes = []
     state = trainer.load_checkpoint(str(ck), notes.append)
@@ -367,28 +381,70 @@ def test_resume_gives_identical_losses(shards, monkeypatch):
     assert grown["history"][-1]["step"] == 4
 
 
-def test_one_vs_two_processes_same_losses(shards):
-    """With the batch-size warm-up on (1, 4, 7, 7 sequences in micro-batches of 2: on 2
-    processes rank 1 idles at step 1, and at steps 3-4 rank 0 holds 4 rows, rank 1 holds 3
-    with a short last micro-batch), 1 and 2 processes run the same batches and reach the same
-    losses."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    args = base_args(shards, "x", steps=4) + ["--train.val_every", "0", "--train.save_every", "0",
-                                              "--train.batch_tokens", "896", "--train.batch_tokens_start", "128",
-                                              "--train.batch_warmup_frac", "0.5"]
+WORKER = os.path.join(ROOT, "tests", "trainer_worker.py")
+
+
+def worker_args(tmp, run_id):
+    """6 steps with the batch-size warm-up on (1, 3, 5, 7, 7, 7 sequences in micro-batches of 2:
+    on 2 processes rank 1 idles at step 1, and from step 2 on one rank holds a short last
+    micro-batch); validation at 3 and 6; checkpoints only on a signal and at the end."""
+    return base_args(tmp, run_id, steps=6) + ["--train.save_every", "0", "--train.batch_tokens", "896",
+                                              "--train.batch_tokens_start", "128", "--train.batch_warmup_frac", "0.5"]
+
+
+def launch(tmp, args, nproc, **env):
+    """tests/trainer_worker.py (trainer.main; under torchrun for nproc > 1), output merged and
+    read as it comes."""
+    cmd = [sys.executable, WORKER] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29583", WORKER]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
+    return subprocess.Popen(cmd + args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc, pattern: str) -> str:
+    """The output up to the first line matching pattern (the run goes on meanwhile)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"the run ended before a line {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+def finish(proc, code: int = 0) -> str:
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{out[-4000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """run(nproc) -> (history with exact losses, output): worker_args run to the end, once per
+    process count; the reference of the 1-vs-2-process test and of the interrupted runs."""
+    cache = {}
+
+    def run(nproc):
+        if nproc not in cache:
+            tmp = write_synthetic_shards(tmp_path_factory.mktemp(f"uninterrupted{nproc}"))
+            out = finish(launch(tmp, worker_args(tmp, "ref"), nproc, KBERT_HISTORY=str(tmp / "history.json")))
+            cache[nproc] = json.load(open(tmp / "history.json")), out
+        return cache[nproc]
+
+    return run
+
+
+def test_one_vs_two_processes_same_losses(uninterrupted):
+    """With the batch-size warm-up on (worker_args), 1 and 2 processes run the same batches and
+    reach the same training and validation losses."""
     runs, tokens = {}, {}
     for n in (1, 2):
-        a = [x if x != "x" else f"np{n}" for x in args]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=29541",
-               os.path.join(ROOT, "trainer.py")] + a
-        r = subprocess.run(cmd, cwd=shards, env=env, capture_output=True, text=True, timeout=240)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        runs[n] = [float(v) for v in re.findall(r"^step:\d+/4 loss:([\d.]+)", r.stdout, re.M)]
-        tokens[n] = [int(v) for v in re.findall(r"^step:\d+/4 loss:.* real_tokens:(\d+)", r.stdout, re.M)]
+        history, out = uninterrupted(n)
+        runs[n] = [h["loss"] for h in history]
+        tokens[n] = [int(v) for v in re.findall(r"^step:\d+/6 loss:.* real_tokens:(\d+)", out, re.M)]
     print("1 process:  ", runs[1], tokens[1])
     print("2 processes:", runs[2], tokens[2])
-    assert tokens[1] == tokens[2] == [128, 512, 896, 896]
-    assert len(runs[1]) == 4 and np.allclose(runs[1], runs[2], rtol=0, atol=2e-4)
+    assert tokens[1] == tokens[2] == [128, 384, 640, 896, 896, 896]
+    assert len(runs[1]) == 8 and np.allclose(runs[1], runs[2], rtol=0, atol=2e-4)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(shards, monkeypatch):
@@ -548,7 +604,7 @@ def test_run_ids_are_unique_and_an_existing_run_is_not_overwritten(shards, monke
     trainer.main(args)
     before = {p: p.read_bytes() for p in [shards / "logs" / "same.txt", *(shards / "ck" / "same").iterdir()]}
     with pytest.raises(SystemExit, match=r"run id 'same' is taken \(logs/same.txt, .*ck/same.*\): choose another "
-                                         r"--train.run_id, resume it with --train.resume .*ck/same, or pass --train.overwrite true"):
+                                         r"--train.run_id, resume it with --train.resume auto --train.run_id same, or pass --train.overwrite true"):
         trainer.main(args)
     assert all(p.read_bytes() == b for p, b in before.items())  # nothing touched
     trainer.main(args + ["--train.overwrite", "true"])
@@ -577,3 +633,198 @@ def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     # resumed without --demo: the checkpoint's config (the demo corpus, the tiny model) carries over
     more = trainer.main(["--train.resume", f"checkpoints/{out['run_id']}", "--train.steps", "22", "--train.val_every", "0"])
     assert [h["step"] for h in more["history"] if "acc" not in h] == [21, 22] and more["run_id"] == out["run_id"]
+
+
+# -- runs that survive: signals, kills mid-write, automatic resume, bad steps, preflight -----
+
+def stopped_at(out: str, signame: str) -> tuple[int, list[str]]:
+    """The step a signal stopped the run at and the resume command it printed."""
+    m = re.search(rf"^step:(\d+) stopped by {signame}: saved \S+; resume with: (.+)$", out, re.M)
+    assert m, out[-3000:]
+    return int(m[1]), shlex.split(m[2])
+
+
+def test_sigterm_then_sigkill_mid_checkpoint_then_auto_resume_gives_identical_losses(shards, uninterrupted):
+    """One command re-queued after two interruptions, as a preempted job lives:
+    1. SIGTERM at a random step (a real process, a real signal): the step finishes, a checkpoint
+       is saved and the run exits 143 with a line naming the command that resumes;
+    2. that command, SIGKILLed halfway through writing its next checkpoint: the previous one
+       stays loadable, the partial file never takes a checkpoint's name;
+    3. the same command again: it resumes from the SIGTERM checkpoint, removes the partial file
+       and finishes with losses bit-identical to an uninterrupted run's."""
+    args = worker_args(shards, "job") + ["--train.resume", "auto"]
+    k = random.randint(1, 3)
+    p = launch(shards, args, 1)
+    wait_for(p, rf"step:{k}/6 loss:")
+    p.send_signal(signal.SIGTERM)
+    stopped, command = stopped_at(finish(p, 128 + signal.SIGTERM), "SIGTERM")
+    print(f"SIGTERM sent after step {k}'s line: stopped at step {stopped}; resume with {shlex.join(command)}")
+    assert k <= stopped < 6 and command[:2] == ["python", os.path.join(ROOT, "trainer.py")]
+    same = worker_args(shards, "job")
+    i = same.index("--train.run_id")
+    del same[i:i + 2]
+    assert command[2:] == same + ["--train.resume", "auto", "--train.run_id", "job"]  # the same options, the run id last
+
+    p = launch(shards, command[2:], 1, KBERT_HALF_SAVE="1")
+    partial = wait_for(p, "half-written checkpoint ").split("half-written checkpoint ")[-1].strip()
+    p.kill()
+    finish(p, -signal.SIGKILL)
+    ck = shards / "ck" / "job"
+    assert sorted(os.listdir(ck)) == [f"step_{stopped:07d}.pt", os.path.basename(partial)] and ".pt.tmp" in partial
+    assert trainer.load_checkpoint(str(ck), print)["step"] == stopped
+
+    out = finish(launch(shards, command[2:], 1, KBERT_HISTORY=str(shards / "history.json")))
+    assert f"resuming from {ck}/step_{stopped:07d}.pt (step {stopped})" in out and f"removed {partial}, " in out
+    assert not os.path.exists(partial)
+    resumed, reference = json.load(open(shards / "history.json")), uninterrupted(1)[0]
+    print("uninterrupted:", [(h["step"], h["loss"]) for h in reference if "acc" not in h])
+    print("resumed:      ", [(h["step"], h["loss"]) for h in resumed if "acc" not in h])
+    assert resumed == [h for h in reference if h["step"] > stopped]  # train and validation losses, to the bit
+    log = open(shards / "logs" / "job.txt").read()
+    assert log.count("==> config <==") == 3 and "--train.resume auto: run job has no checkpoint" in log  # appended
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resumes_identically(shards, uninterrupted):
+    """SIGTERM to the torchrun parent, as `kill PID` or a scheduler gives it: torchrun forwards
+    it to both ranks (then waits 30 s, --shutdown_timeout, before SIGKILL), they agree on
+    the step to stop at, rank 0 saves, and the printed command resumes on 2 processes with
+    the losses of an uninterrupted 2-process run."""
+    k = random.randint(1, 3)
+    p = launch(shards, worker_args(shards, "job2") + ["--train.resume", "auto"], 2)
+    wait_for(p, rf"step:{k}/6 loss:")
+    p.send_signal(signal.SIGTERM)
+    out = finish(p, 1)  # torchrun itself exits 1 with its SignalException; the ranks exited 143
+    stopped, command = stopped_at(out, "SIGTERM")
+    print(f"SIGTERM sent after step {k}'s line: stopped at step {stopped}; resume with {shlex.join(command)}")
+    assert k <= stopped < 6 and command[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "trainer.py")]
+    assert "Sending process" in out and "closing signal SIGTERM" in out  # torchrun's forwarding
+    finish(launch(shards, command[4:], 2, KBERT_HISTORY=str(shards / "history.json")))
+    resumed, reference = json.load(open(shards / "history.json")), uninterrupted(2)[0]
+    print("uninterrupted:", [(h["step"], h["loss"]) for h in reference if "acc" not in h])
+    print("resumed:      ", [(h["step"], h["loss"]) for h in resumed if "acc" not in h])
+    assert resumed == [h for h in reference if h["step"] > stopped]
+
+
+def test_rollback_skips_the_bad_window_and_keeps_the_stream_exact(shards, monkeypatch):
+    """The batch that starts at sequence 32 (step 5) makes a gradient NaN. With
+    --train.on_bad_step rollback the run reloads the step-3 checkpoint, skips sequences 24-39
+    (what it trained on since that checkpoint, the bad batch included), logs it and finishes.
+    The batches it trained on are those of a fresh loader that skips the same rows; a resume
+    from its next checkpoint continues that stream with the same losses. With the rollbacks
+    used up, a bad step stops the run."""
+    monkeypatch.chdir(shards)
+    real_step, trained = trainer.train_step, {}
+
+    def step_with_a_bad_batch(model, opt, forward, batch, first, step, *args, **kwargs):
+        hook = model.blocks[1].mlp.fc.weight.register_hook(lambda g: torch.full_like(g, math.nan)) if first == 32 else None
+        try:
+            out = real_step(model, opt, forward, batch, first, step, *args, **kwargs)
+        finally:
+            if hook:
+                hook.remove()
+        trained[step + 1] = batch.copy()  # a redone step replaces the undone one
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_with_a_bad_batch)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)  # the exports' tokenizer files: 1-2 s each
+    args = base_args(shards, "rb", steps=8) + ["--train.val_every", "0", "--train.on_bad_step", "rollback",
+                                               "--train.max_rollbacks", "1"]
+    out = trainer.main(args)
+    log = open(out["log"]).read()
+    line = re.search(r"^step:5 loss is .*$", log, re.M)[0]
+    print(line)
+    assert re.fullmatch(r"step:5 loss is [\d.]+, gradients non-finite on 1 of 1 ranks: rollback 1/1 to step 3, skipping "
+                        r"sequences 24-39 of the stream \(16 sequences: .*\)", line)
+    assert "non-finite gradients (rank-local): blocks.1.mlp.fc.weight" in log
+    assert [r["seqs"] for r in out["rollbacks"]] == [[24, 40]] and out["rollbacks"][0]["step"] == 5
+    assert [h["step"] for h in out["history"] if "acc" not in h] == list(range(1, 9)) and out["tokens_seen"] == 8 * 1024
+    files = sorted(str(p) for p in shards.glob("syn_train_*.bin"))
+    fresh = trainer.PackedLoader(files, 128, seed=0)
+    expected = [fresh.next_batch(8)[0] for _ in range(3)]
+    fresh.next_batch(16)  # the skipped rows
+    expected += [fresh.next_batch(8)[0] for _ in range(5)]
+    assert all(np.array_equal(trained[s], expected[s - 1]) for s in range(1, 9))
+    ck = shards / "ck" / "rb"
+    state = torch.load(ck / "step_0000006.pt", weights_only=True)
+    assert state["loader"]["seq_index"] == 64 and state["rollbacks"] == out["rollbacks"]
+    more = trainer.main(["--train.resume", str(ck / "step_0000006.pt"), "--train.run_id", "rb-resumed"])
+    print("rolled-back run:", losses(out["history"])[-2:], "resumed from its step 6:", losses(more["history"]))
+    assert losses(more["history"]) == losses(out["history"])[-2:] and more["rollbacks"] == out["rollbacks"]
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "rb0", steps=5) + ["--train.val_every", "0", "--train.on_bad_step", "rollback",
+                                                          "--train.max_rollbacks", "0"])
+    assert e.value.code == 2
+    assert "stopping; the last good checkpoint" in open(shards / "logs" / "rb0.txt").read()
+    assert "0 rollback(s), the most --train.max_rollbacks 0 allows" in open(shards / "logs" / "rb0.txt").read()
+
+
+def test_a_loss_spike_is_a_bad_step_once_the_window_is_full():
+    t = trainer.TrainConfig(spike_factor=2.0, spike_window=4)
+    recent = collections.deque([5.0, 4.0, 6.0], maxlen=4)
+
+    def why(loss, grad_ranks=0):
+        return trainer.bad_step({"loss": loss, "bad_grad_ranks": grad_ranks}, recent, t, 1)
+
+    assert why(100.0) is None  # 3 losses: no median yet
+    recent.append(4.5)  # median of 4, 4.5, 5, 6 = 4.75
+    assert why(9.5) is None and why(9.51) == "loss 9.5100 is a spike, above 2 x 4.7500, the median of the last 4 losses"
+    assert why(math.inf).startswith("loss is inf") and why(3.0, grad_ranks=1).endswith("non-finite on 1 of 1 ranks")
+    assert trainer.bad_step({"loss": 1e9, "bad_grad_ranks": 0}, recent, trainer.TrainConfig(), 1) is None  # off by default
+    with pytest.raises(SystemExit, match="give a factor above 1"):
+        trainer.parse_args(["--train.spike_factor", "0.5"])
+    with pytest.raises(SystemExit, match="on_bad_step must be stop or rollback"):
+        trainer.parse_args(["--train.on_bad_step", "skip"])
+
+
+def test_time_based_checkpoints_and_auto_resume_needs_a_run_id(shards, monkeypatch):
+    """Rank 0's clock asks for a save once save_every_minutes passed: with a tiny interval,
+    after every step. --train.resume auto without a run id fails in one line."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)  # the export's tokenizer files: 1-2 s
+    trainer.main(base_args(shards, "timed", steps=3) + ["--train.val_every", "0", "--train.save_every", "0",
+                                                       "--train.save_every_minutes", "1e-9", "--train.keep_checkpoints", "5"])
+    assert sorted(os.listdir(shards / "ck" / "timed")) == ["step_0000001.pt", "step_0000002.pt", "step_0000003.pt"]
+    with pytest.raises(SystemExit, match=r"^--train.resume auto needs --train.run_id NAME"):
+        trainer.main(["--train.resume", "auto"])
+
+
+def test_a_second_sigint_aborts_at_once_with_the_resume_command(shards, monkeypatch):
+    """The KeyboardInterrupt a second Ctrl-C raises (common.StopSignals) mid-step: exit 130 at
+    once, nothing saved, the log says so and names the command; the handlers are restored."""
+    monkeypatch.chdir(shards)
+    real_step = trainer.train_step
+
+    def interrupted(*args, **kwargs):
+        if args[5] == 1:  # the second step
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "abort") + ["--train.val_every", "0"])
+    assert e.value.code == 130 and signal.getsignal(signal.SIGTERM) == before
+    assert not (shards / "ck" / "abort").exists()
+    assert re.search(r"^aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: python "
+                     r"\S+trainer.py .* --train.resume auto --train.run_id abort$", open(shards / "logs" / "abort.txt").read(), re.M)
+
+
+def test_preflight_refuses_unwritable_or_full_folders_before_anything_is_written(shards, monkeypatch):
+    """A checkpoint folder under a regular file (tests run as root, whom chmod does not stop)
+    and a disk without room for the checkpoints: one line each, within the first seconds, and
+    nothing written (no log, no folders)."""
+    monkeypatch.chdir(shards)
+    (shards / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"^preflight: cannot write to \S+/a_file/ck/pf \(Not a directory\): fix it or "
+                                         r"choose another --train.checkpoint_dir$"):
+        trainer.main(base_args(shards, "pf") + ["--train.checkpoint_dir", str(shards / "a_file" / "ck")])
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10**7))
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "pf"))
+    print(e.value.code)
+    ckpt, weights = trainer.checkpoint_bytes(trainer.parse_args(base_args(shards, "pf")))
+    assert e.value.code == (f"preflight: 0.01 GB free where this run will write {(3 * ckpt + weights) / 1e9:.2f} GB "
+                            f"(--train.checkpoint_dir {shards}/ck/pf: {3 * ckpt / 1e9:.2f} GB; --train.export_dir "
+                            f"{shards}/ex/pf: {weights / 1e9:.2f} GB): free some space or point the option elsewhere")
+    assert not any((shards / name).exists() for name in ("logs", "ck", "ex"))

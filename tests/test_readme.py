@@ -1,0 +1,54 @@
+"""README.md stays true to the code: every command it shows parses with the options that
+exist, and every file it links to is in the repository."""
+import os
+import re
+import shlex
+
+import pytest
+
+import common
+import finetuner
+import trainer
+from bench import compare_recipes, packing, throughput
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+SCRIPTS = {"trainer.py": trainer.GROUPS, "finetuner.py": finetuner.GROUPS, "bench.throughput": {"bench": throughput.BenchConfig},
+           "bench.packing": {"bench": packing.PackingConfig}, "bench.compare_recipes": {"compare": compare_recipes.CompareConfig}}
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of every python/torchrun command in README's code blocks."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("  #")[0], comments=True)
+            for i, w in enumerate(words):
+                name = w[:-3].replace("/", ".") if w.endswith(".py") else (words[i + 1] if w == "-m" and i + 1 < len(words) else w)
+                if name in SCRIPTS or w in SCRIPTS:
+                    found.append((w if w in SCRIPTS else name, words[i + 2 if w == "-m" else i + 1:]))
+                    break
+    return found
+
+
+@pytest.mark.parametrize("script,args", readme_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
+def test_every_readme_command_parses(script, args):
+    if script == "finetuner.py":
+        if args[:1] == ["--score-squad"]:
+            return  # argparse's own command, shown with placeholders
+        i = args.index("--task")
+        assert args[i + 1] in finetuner.TASKS
+        args = args[:i] + args[i + 2:]
+    flags = trainer.FLAGS if script == "trainer.py" else None
+    common.parse_overrides(args, SCRIPTS[script], flags)  # an unknown option or a bad value exits
+    if script == "trainer.py":
+        trainer.parse_args([a for a in args if a != "--train.resume" and not a.startswith("checkpoints/")])
+
+
+def test_readme_shows_the_main_commands_and_links_existing_files():
+    scripts = {s for s, _ in readme_commands()}
+    assert {"trainer.py", "finetuner.py", "bench.packing", "bench.throughput"} <= scripts
+    assert ("trainer.py", ["--demo"]) in readme_commands()
+    for link in re.findall(r"\]\(([^)#]+)\)", README):
+        if not link.startswith("http"):
+            assert os.path.exists(os.path.join(ROOT, link)), link
