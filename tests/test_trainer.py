@@ -512,8 +512,10 @@ def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
         assert torch.equal(model(ids), ref(ids))
     with pytest.raises(FileNotFoundError, match="Hub"):
         trainer.load_encoder("someone/not-a-local-folder")
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(FileNotFoundError, match="no such export folder"):
         trainer.load_encoder(str(shards / "missing" / "dir"))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        trainer.load_encoder("not/a/hub/id")
 
 
 def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
