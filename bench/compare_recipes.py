@@ -1,7 +1,7 @@
 """Equal-token comparison of KBERT's recipe with the ModernBERT and BERT recipes, one-change
 ablations of KBERT, validation loss on fixed masks and BLiMP.
 
-    python -m bench.compare_recipes --compare.scale cpu     # every arm and sweep point, 2 CPU cores, ~2 h
+    python -m bench.compare_recipes --compare.scale cpu     # every arm and sweep point, 2 CPU cores, ~90 min
     python -m bench.compare_recipes --compare.scale gpu     # `small`-like width on one H100/H200, ~8 min
     python -m bench.compare_recipes --compare.scale smoke   # a few steps of every arm (the test suite)
 
@@ -86,8 +86,8 @@ class Scale:
 
 
 SCALES = {
-    # 2 CPU cores: 0.74M tokens per run (~2.2 s per KBERT step, 1.1 ModernBERT, 3.5 BERT), 15 runs and
-    # 9 BLiMP passes in about 2 hours
+    # 2 CPU cores: 0.74M tokens per run (1.3 s per KBERT step, 0.9 ModernBERT, 2.9 BERT), 15 runs and
+    # 9 BLiMP passes in 87 minutes on a 2-core AMD EPYC (records/2026-11-29-cpu-compare)
     "cpu": Scale(d_model=128, n_layer=4, seq_len=512, batch_seqs=8, micro_seqs=8, steps=180, eval_every=20,
                  val_seqs=32, blimp_pairs=100, lrs=(3e-4, 1e-3, 3e-3)),
     # one H100/H200: near the `small` preset, ~6.5M tokens per run, the whole comparison in ~8 minutes
@@ -233,7 +233,7 @@ def hf_setup(recipe: str, S: Scale, lr: float, device: torch.device):
     sched = trainer.TrainConfig(steps=S.steps, warmup_frac=R["warmup"], cooldown_frac=R["cooldown"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     local = model.config.local_attention // 2 if recipe == "modernbert" else None
-    d, V = model.config.hidden_size, model.config.vocab_size
+    V = model.config.vocab_size
 
     def call(inputs, labels):
         full, pos = document_masks(inputs)

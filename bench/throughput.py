@@ -25,6 +25,7 @@ over them. MFU = FLOPs / time / (bf16 matmul rate measured on this card, 8192^3)
 optional import for this script only.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -324,9 +325,7 @@ def main(argv=None):
                 (label, bench_kbert, label, m, cfg, device, peak, model_cfg, profile and k == 0)
                 for k, m in enumerate(kbert_micros)]))
     if cfg.baselines != "none":
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("transformers") is None:
             raise SystemExit("--bench.baselines needs `pip install transformers` (benchmark only), or pass --bench.baselines none")
         for base in cfg.baselines.split(","):
             seq = getattr(cfg, f"{base}_seq_len")
