@@ -412,7 +412,7 @@ def read_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg} at column {e.colno}): {line.strip()[:80]}") from None
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg.removesuffix(' at')}, column {e.colno}): {line.strip()[:80]}") from None
             if not isinstance(row, dict):
                 raise SystemExit(f"{path}:{n}: expected a JSON object, got {line.strip()[:80]}")
             rows.append(row)
