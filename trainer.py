@@ -80,7 +80,7 @@ class TrainConfig:
     resume: str = ""
     # also save when this many minutes passed since the last save, by rank 0's clock (0: off). A crash that
     # sends no signal (a lost node, an OOM kill) then costs at most this much work, for a checkpoint of base
-    # that took 3-6 s to write (1.34 GB, CPU development machine): ~0.3% of 30 minutes
+    # that took 4 s to write (1.34 GB on a 2-core CPU, records/2026-11-29-checkpoint-base): ~0.2% of 30 minutes
     save_every_minutes: float = 30.0
     # a bad step: a non-finite loss or gradient, or a loss spike (spike_factor). "stop": stop there, keeping the
     # last good checkpoint; "rollback": reload the last good checkpoint, skip the data trained on since it (up
