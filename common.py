@@ -1,6 +1,7 @@
 """What trainer.py and finetuner.py share: CLI overrides of a dataclass config, distributed
 setup, the run log, stopping on a signal, the preflight of output folders, atomic checkpoint
 files and the Hub-format export/load."""
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -379,6 +380,26 @@ class StopSignals:
     def exit_code(self) -> int:
         """128 + the signal, what a shell reports for a process the signal ended."""
         return 128 + (self.signum or signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def failures_logged(d: Dist, log, aborted: str):
+    """Around a run once its log exists: an expected failure (SystemExit with a message) is
+    written to the log as well as stderr; a second SIGINT logs `aborted` and exits 130 without
+    a barrier (the other ranks may be anywhere); otherwise the process group is closed."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            log(e.code)
+        cleanup_distributed(d)
+        raise
+    except KeyboardInterrupt:
+        log(aborted)
+        if d.world > 1:
+            dist.destroy_process_group()
+        raise SystemExit(130) from None
+    cleanup_distributed(d)
 
 
 def resume_command(script: str, argv: list[str], run_id: str, d: Dist) -> str:

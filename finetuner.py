@@ -404,7 +404,15 @@ def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise SystemExit(f"{path} does not exist. Fetch the data with `python data/download_glue.py TASK` or "
                          "`python data/download_squad.py`, or pass --train.train_file/--train.eval_files")
-    rows = []
+    rows = [row for _, row in jsonl_objects(path)]
+    if not rows:
+        raise SystemExit(f"{path} holds no rows: an empty file?")
+    return rows
+
+
+def jsonl_objects(path: str):
+    """(line number, object) for each non-blank line; a line that is not a JSON object exits
+    with one line naming the file and the line."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -412,13 +420,11 @@ def read_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg.removesuffix(' at')}, column {e.colno}): {line.strip()[:80]}") from None
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg.removesuffix(' at')}, column {e.colno}): "
+                                 f"{line.strip()[:80]}") from None
             if not isinstance(row, dict):
                 raise SystemExit(f"{path}:{n}: expected a JSON object, got {line.strip()[:80]}")
-            rows.append(row)
-    if not rows:
-        raise SystemExit(f"{path} holds no rows: an empty file?")
-    return rows
+            yield n, row
 
 
 BLIMP_KEYS = ("UID", "field", "linguistics_term", "pairID", "sentence_good", "sentence_bad")
@@ -430,21 +436,14 @@ def read_blimp(path: str, pairs_per_paradigm: int = 0) -> list[dict]:
         raise SystemExit(f"{path} does not exist. Fetch BLiMP with `python data/download_blimp.py`, "
                          "or pass --train.eval_files PATH")
     rows, seen = [], collections.Counter()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not (isinstance(row, dict) and all(k in row for k in BLIMP_KEYS) and all(
-                    isinstance(row[k], str) and row[k].strip() for k in ("UID", "field", "sentence_good", "sentence_bad"))):
-                raise SystemExit(f"{path}:{n}: a BLiMP row has the keys {', '.join(BLIMP_KEYS)}, with UID, field "
-                                 f"and both sentences non-empty strings; got {line.strip()[:200]}")
-            seen[row["UID"]] += 1
-            if not pairs_per_paradigm or seen[row["UID"]] <= pairs_per_paradigm:
-                rows.append(row)
+    for n, row in jsonl_objects(path):
+        if not (all(k in row for k in BLIMP_KEYS) and all(
+                isinstance(row[k], str) and row[k].strip() for k in ("UID", "field", "sentence_good", "sentence_bad"))):
+            raise SystemExit(f"{path}:{n}: a BLiMP row has the keys {', '.join(BLIMP_KEYS)}, with UID, field "
+                             f"and both sentences non-empty strings; got {json.dumps(row)[:200]}")
+        seen[row["UID"]] += 1
+        if not pairs_per_paradigm or seen[row["UID"]] <= pairs_per_paradigm:
+            rows.append(row)
     if not rows:
         raise SystemExit(f"{path}: no BLiMP pairs in it")
     return rows
@@ -966,29 +965,17 @@ def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> d
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
     resume_cmd = common.resume_command(os.path.abspath(__file__), sys.argv[1:] if argv is None else argv, run_id, d)
-    try:  # an expected failure from here on is recorded in the log too
-        with common.StopSignals() as signals:
-            runner = Runner(task, cfg, d, log, signals, resume_cmd)
-            summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            log(e.code)
-        common.cleanup_distributed(d)
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C: no barrier, the other ranks may be anywhere
-        log(f"aborted by a second SIGINT; finished seeds are kept; resume with: {resume_cmd}")
-        if d.world > 1:
-            torch.distributed.destroy_process_group()
-        raise SystemExit(130) from None
-    common.cleanup_distributed(d)
+    aborted = f"aborted by a second SIGINT; finished seeds are kept; resume with: {resume_cmd}"
+    with common.failures_logged(d, log, aborted), common.StopSignals() as signals:  # an expected failure is logged too
+        runner = Runner(task, cfg, d, log, signals, resume_cmd)
+        summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner)
     return summary
 
 
-def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner=None) -> dict:
+def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner) -> dict:
     """Every seed: build, fit, evaluate on every split, save (seed<k>/result.json last: the
     seed is finished); then the summary over seeds and the median seed's card (pushed with
     --train.hf_repo). With --train.resume auto a seed with a result.json is not redone."""
-    runner = runner or Runner(task, cfg, d, log)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     # what a finished seed's result depends on: an earlier attempt's seed is reused only if these match
     config = {k: v for k, v in common.config_to_dict(cfg).items() if k not in RUN_OPTIONS}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import common
-from data.shards import ShardError, check_token_range, open_shard, write_shard
+from data.shards import ShardError, open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
 
@@ -279,7 +279,7 @@ class PackedLoader:
         self.exhausted = False  # with loop=False: the single pass is over
         self._loaded = None  # (path, tokens memmap, document start positions)
         for f in files:  # every header and token id up front, naming the bad file (one read of each shard)
-            check_token_range(open_shard(f), f, vocab_size)
+            open_shard(f, vocab_size)
 
     def _order(self) -> list[str]:
         if not self.shuffle:
@@ -538,6 +538,10 @@ def checkpoint_paths(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "step_*.pt")))
 
 
+def checkpoint_path(folder: str, step: int) -> str:
+    return os.path.join(folder, f"step_{step:07d}.pt")
+
+
 def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tokens_seen: int, hp: Hyperparameters, keep: int, log,
                     extra: dict | None = None) -> str | None:
     """folder/step_NNNNNNN.pt, written atomically by rank 0, the oldest beyond `keep` removed;
@@ -551,7 +555,7 @@ def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tok
              "loader": loader.state_dict(), "rng_cpu": torch.get_rng_state(), "config": common.config_to_dict(hp), **(extra or {})}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state()
-    path = os.path.join(folder, f"step_{step:07d}.pt")
+    path = checkpoint_path(folder, step)
     common.atomic_torch_save(state, path)
     for old in checkpoint_paths(folder)[:-keep]:
         os.remove(old)
@@ -780,7 +784,7 @@ def main(argv: list[str] | None = None) -> dict:
         taken = [export_dir] if t.resume == "auto" else [log.path, ckpt_dir, export_dir]
         common.refuse_existing_run(run_id, taken, f"resume it with --train.resume auto --train.run_id {run_id}, ", d)
 
-    # data: every shard's header now, token ids as each shard is loaded
+    # data: every shard's header and token ids, before the run's log exists
     if dc.source == "pydoc":
         if d.master:
             build_pydoc_corpus(os.path.dirname(PYDOC_FILES[0]))
@@ -815,24 +819,12 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"removed {partial}, a checkpoint whose write was interrupted")
     resume_cmd = common.resume_command(os.path.abspath(__file__), argv, run_id, d)
     signals = common.StopSignals()
-    try:  # from here on an expected failure is recorded in the log too
-        with signals:
+    aborted = f"aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: {resume_cmd}"
+    with common.failures_logged(d, log, aborted), signals:  # from here on an expected failure is logged too
+        try:
             out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            log(e.code)
-        common.cleanup_distributed(d)
-        raise
-    except ShardError as e:  # a shard first loaded mid-run
-        log(f"error: {e}")
-        common.cleanup_distributed(d)
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:  # a second Ctrl-C: no barrier, the other ranks may be anywhere
-        log(f"aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: {resume_cmd}")
-        if d.world > 1:
-            torch.distributed.destroy_process_group()
-        raise SystemExit(130) from None
-    common.cleanup_distributed(d)
+        except ShardError as e:  # a shard rewritten since the start
+            raise SystemExit(f"error: {e}") from None
     if dc.source == "pydoc" and out["export"]:
         log(f"next: the exported model is {out['export']}; fill a [MASK] with it:\n  python -c \"from transformers import "
             f"pipeline; print(pipeline('fill-mask', model='{out['export']}', trust_remote_code=True)"
@@ -847,7 +839,7 @@ def bad_step(out: dict, recent: collections.deque, t: TrainConfig, world: int) -
     if not math.isfinite(out["loss"]) or out["bad_grad_ranks"]:
         return f"loss is {out['loss']}, gradients non-finite on {out['bad_grad_ranks']} of {world} ranks"
     if t.spike_factor > 0 and len(recent) >= t.spike_window:
-        median = statistics.median(list(recent)[-t.spike_window:])
+        median = statistics.median(recent)
         if out["loss"] > t.spike_factor * median:
             return (f"loss {out['loss']:.4f} is a spike, above {t.spike_factor:g} x {median:.4f}, the median of the last "
                     f"{t.spike_window} losses")
@@ -905,7 +897,12 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
     train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
     log("step lines: lr_* are each group's learning rate; real_tokens, real_tok/s and mfu count non-[PAD] tokens")
     last_save = time.monotonic()  # rank 0's clock decides the time-based saves
-    saved_step = None  # the step of this run's last checkpoint: the state a rollback returns to
+    # the step of this run's last checkpoint, the state a rollback returns to: the one resumed from when it
+    # lies in this run's folder (decided from the options alone: every rank must agree, a save is collective)
+    here = os.path.abspath(ckpt_dir)
+    resumed_here = resume_state is not None and (t.resume == "auto" or here in (
+        os.path.abspath(t.resume), os.path.dirname(os.path.abspath(t.resume))))
+    saved_step = start_step if resumed_here else None
     window_start = loader.seq_index  # the first sequence trained on since that state
     stop = save_now = False  # the ranks' votes of the last step
 
@@ -945,7 +942,7 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         why = bad_step(out, recent, t, d.world)
         report = nonfinite_report(model) if why and why.startswith("loss is") else ""
         if why and t.on_bad_step == "rollback" and len(rollbacks) < t.max_rollbacks:
-            state = load_checkpoint(os.path.join(ckpt_dir, f"step_{saved_step:07d}.pt"), lambda note: None)
+            state = load_checkpoint(checkpoint_path(ckpt_dir, saved_step), lambda note: None)
             skipped = [window_start, loader.seq_index]
             rollbacks.append({"step": step, "seqs": skipped, "loss": out["loss"], "why": why})
             log(f"step:{step} {why}: rollback {len(rollbacks)}/{t.max_rollbacks} to step {state['step']}, skipping "

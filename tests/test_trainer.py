@@ -752,6 +752,10 @@ def test_rollback_skips_the_bad_window_and_keeps_the_stream_exact(shards, monkey
     more = trainer.main(["--train.resume", str(ck / "step_0000006.pt"), "--train.run_id", "rb-resumed"])
     print("rolled-back run:", losses(out["history"])[-2:], "resumed from its step 6:", losses(more["history"]))
     assert losses(more["history"]) == losses(out["history"])[-2:] and more["rollbacks"] == out["rollbacks"]
+    trainer.main(["--train.resume", "auto", "--train.run_id", "rb", "--train.checkpoint_dir", str(shards / "ck"),
+                  "--train.steps", "9"])  # the rollback state is
+    resumed = open(out["log"]).read().split("resuming from")[-1]  # the checkpoint resumed from, not rewritten
+    assert "step:8 saved" not in resumed and "step:9 saved" in resumed
     with pytest.raises(SystemExit) as e:
         trainer.main(base_args(shards, "rb0", steps=5) + ["--train.val_every", "0", "--train.on_bad_step", "rollback",
                                                           "--train.max_rollbacks", "0"])
