@@ -206,9 +206,31 @@ def cleanup_distributed(d: Dist):
 # Logging: logs/<run_id>.txt starts with the code, the config, versions and hardware
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the machine type where that is not readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): on a 2-core Xeon with
+    AMX, 2.4 TFLOP/s against 0.34 in float32 (records/2026-12-05-cpu-speed)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
 def hardware_summary(device: torch.device) -> str:
     lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, platform {platform.platform()}",
-             f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"]
+             f"cpu: {cpu_name()} x{os.cpu_count()}, {torch.get_num_threads()} torch threads, "
+             f"native bf16 {'yes' if native_bf16_cpu() else 'no'}"]
     if device.type == "cuda":
         lines.append(f"gpu: {torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}, cuda {torch.version.cuda}")
         try:

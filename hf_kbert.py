@@ -20,9 +20,9 @@ from transformers.modeling_outputs import (BaseModelOutput, MaskedLMOutput, Ques
                                            SequenceClassifierOutput)
 
 try:  # in an export, as transformers imports it: the model.py copied beside this file
-    from .model import BLOCK, KBERT, PAD_ID, ClassificationHead, ModelConfig, Rotary, SpanHead
+    from .model import BLOCK, KBERT, N_TARGETS, PAD_ID, ClassificationHead, ModelConfig, Rotary, SpanHead
 except ImportError:  # in the repo (no package): model.py itself
-    from model import BLOCK, KBERT, PAD_ID, ClassificationHead, ModelConfig, Rotary, SpanHead
+    from model import BLOCK, KBERT, N_TARGETS, PAD_ID, ClassificationHead, ModelConfig, Rotary, SpanHead
 
 MODEL_FIELDS = tuple(ModelConfig().to_dict())  # the architecture's fields, flat in config.json
 
@@ -134,6 +134,9 @@ class KBertForMaskedLM(KBertPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> MaskedLMOutput:
         h = self.encode(input_ids, attention_mask)
+        if labels is not None and (labels >= N_TARGETS).any():
+            raise ValueError(f"labels must be -100 (not predicted) or an ordinary token id below {N_TARGETS}: [CLS], "
+                             "[MASK], [SEP], [PAD] and the padded vocabulary rows are never MLM targets")
         loss = None if labels is None else self.kbert.mlm_loss(h, labels)[0]  # labels < 0 (-100) are ignored
         return MaskedLMOutput(loss=loss, logits=self.kbert.mlm_logits(h))
 

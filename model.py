@@ -8,7 +8,9 @@ to `forward` as a tensor so a training schedule can grow them without recompilin
 
 On CUDA attention is FlexAttention with a BlockMask built from the document boundaries;
 on CPU (where FlexAttention has no backward) it is SDPA with the same mask materialised
-from the same `mask_mod`. A test checks that both give the same outputs.
+from the same `mask_mod`: local layers banded (query blocks against the key blocks their
+window reaches, so the masked pairs beyond it cost nothing), global layers dense. Tests
+check all three against each other.
 
 Architecture (credits in comments where each piece is built):
   token embedding -> RMSNorm -> n_layer pre-norm blocks [attention with QK-norm and
@@ -19,13 +21,15 @@ This module has no side effects and knows nothing of files, processes or the Hub
 """
 import math
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 CLS_ID, MASK_ID, SEP_ID, PAD_ID = 50256, 50257, 50258, 50259  # see tokenizer.py
+N_TARGETS = CLS_ID  # MLM targets are ordinary GPT-2 tokens, ids below [CLS]: the head scores only those
 BLOCK = 128  # FlexAttention block size (tokens)
 
 # ----------------------------------------------------------------------------------------
@@ -104,9 +108,60 @@ def make_mask_mod(docs: torch.Tensor, window: torch.Tensor):
 
 
 def dense_mask(docs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool mask for SDPA, materialised from the same mask_mod."""
+    """(B, 1, T, T) bool mask for SDPA: mask_mod evaluated on every pair, by broadcasting."""
+    i = torch.arange(docs.size(1), device=docs.device)
+    return ((docs[:, :, None] == docs[:, None, :]) & ((i[:, None] - i[None, :]).abs() < window))[:, None]
+
+
+class BandedMask(NamedTuple):
+    """The CPU path of a local layer: queries in blocks of `block` tokens attend only to the
+    keys of the `reach` blocks on either side, the blocks a window can reach, instead of all
+    T keys (on CPU, where FlexAttention has no backward, this is what skips the masked
+    pairs). mask (B * nb, 1, block, (2 reach + 1) block) is mask_mod on those pairs."""
+    mask: torch.Tensor
+    block: int
+    reach: int
+
+
+BAND_BLOCK = 64  # query block of banded attention (tokens): a window of 128 then spans 5 blocks, not T / 64
+
+
+def banded_mask(docs: torch.Tensor, window: torch.Tensor, max_window: int) -> BandedMask | None:
+    """mask_mod on the (query block, neighbouring key blocks) pairs that a window of at most
+    max_window tokens can reach; None where the band would not be at most half the row (then
+    the layer uses dense_mask: on 2 CPU cores the band's gathers cost about what it saves
+    there). Keys past either end of the row get document -1: never attended."""
     B, T = docs.shape
-    return create_mask(make_mask_mod(docs, window), B, None, T, T, device=docs.device)
+    block = BAND_BLOCK
+    reach = -(-(max_window - 1) // block)
+    span = (2 * reach + 1) * block
+    if T % block or 2 * span > T:
+        return None
+    nb = T // block
+    padded = F.pad(docs, (reach * block, reach * block), value=-1)
+    k_docs = padded.unfold(1, span, block)  # (B, nb, span)
+    q_docs = docs.view(B, nb, block)
+    q_pos = torch.arange(T, device=docs.device).view(nb, block)
+    k_pos = torch.arange(-reach * block, T + reach * block, device=docs.device).unfold(0, span, block)  # (nb, span)
+    near = (q_pos[:, :, None] - k_pos[:, None, :]).abs() < window
+    mask = (q_docs[..., :, None] == k_docs[..., None, :]) & near  # (B, nb, block, span)
+    return BandedMask(mask.view(B * nb, 1, block, span), block, reach)
+
+
+def banded_attention(q, k, v, bm: BandedMask, scale: float) -> torch.Tensor:
+    """SDPA of (B, H, T, Dh) q, k, v under a BandedMask: each query block against its band of
+    keys; exact against dense SDPA with dense_mask (tests/test_model.py)."""
+    B, H, T, Dh = q.shape
+    nb, pad = T // bm.block, bm.reach * bm.block
+    span = (2 * bm.reach + 1) * bm.block
+
+    def band(t):  # (B, H, T, Dh) -> (B * nb, H, span, Dh)
+        t = F.pad(t, (0, 0, pad, pad)).unfold(2, span, bm.block)  # (B, H, nb, Dh, span)
+        return t.permute(0, 2, 1, 4, 3).reshape(B * nb, H, span, Dh)
+
+    qb = q.view(B, H, nb, bm.block, Dh).transpose(1, 2).reshape(B * nb, H, bm.block, Dh)
+    y = F.scaled_dot_product_attention(qb, band(k), band(v), attn_mask=bm.mask, scale=scale)
+    return y.view(B, nb, H, bm.block, Dh).transpose(1, 2).reshape(B, H, T, Dh)
 
 
 def block_mask(docs: torch.Tensor, window: torch.Tensor) -> BlockMask:
@@ -163,9 +218,69 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of soft-capped logits z = cap * tanh(h W^T / cap), and the number of
+    rows whose target has the top logit, with the gradients of h and W computed in the same
+    pass: the logits are made CHUNK rows at a time in two reused buffers, so the (N, V) float32
+    logits never exist and no element-wise pass over them is repeated by a backward; only
+    d loss / d logits is kept, in the matmul dtype, for the two gradient matmuls. The backward
+    just scales the stored gradients. (The idea of Liger-Kernel's fused linear cross-entropy
+    and of Wijmans et al. 2024, "Cut Your Losses", in plain torch.) With t = tanh(x / cap):
+    d loss / d x = (softmax(z) - onehot) * (1 - t^2).
+    h (N, D), w (V, D), target (N,); matmuls in `dtype`, the element-wise math in float32
+    (float64 for a float64 reference). cap 0: no cap."""
+
+    CHUNK = 64  # rows: 64 x 50,256 float32 logits = 12.9 MB a buffer
+
+    @staticmethod
+    def forward(ctx, h, w, target, cap: float, dtype: torch.dtype):
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        hd, wd = h.to(dtype), w.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)
+        N, V, c = h.size(0), w.size(0), max(1, min(SoftcapCrossEntropy.CHUNK, h.size(0)))
+        t, p = (torch.empty(c, V, dtype=acc, device=h.device) for _ in range(2))
+        mm_out = t if dtype == acc else torch.empty(c, V, dtype=dtype, device=h.device)
+        g = torch.empty(N, V, dtype=dtype, device=h.device) if grads else None  # d loss / d logits
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        correct = torch.zeros((), dtype=torch.int64, device=h.device)
+        for lo in range(0, N, c):
+            n = min(c, N - lo)
+            tc, pc, tgt = t[:n], p[:n], target[lo:lo + n, None]
+            torch.mm(hd[lo:lo + n], wd.t(), out=mm_out[:n])
+            if mm_out is not t:
+                tc.copy_(mm_out[:n])
+            if cap > 0:
+                tc.mul_(1 / cap).tanh_().mul_(cap)  # z
+            top = tc.amax(-1, keepdim=True)
+            z_tgt = tc.gather(1, tgt)
+            torch.sub(tc, top, out=pc).exp_()  # exp(z - max z)
+            sum_exp = pc.sum(-1, keepdim=True)
+            loss += (top - z_tgt + sum_exp.log()).sum()
+            correct += (z_tgt >= top).sum()
+            if grads:
+                if cap > 0:
+                    tc.mul_(1 / cap).square_()  # tanh^2
+                    pc.addcmul_(pc, tc, value=-1)  # exp(z - max) (1 - tanh^2)
+                    onehot = 1 - tc.gather(1, tgt)
+                else:
+                    onehot = torch.ones_like(z_tgt)
+                pc.mul_(1 / sum_exp).scatter_add_(1, tgt, -onehot)  # (softmax(z) - onehot) (1 - tanh^2)
+                g[lo:lo + n].copy_(pc)
+        grad_h = (g @ wd).to(h.dtype) if grads else None
+        grad_w = (g.t() @ hd).to(w.dtype) if grads else None
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
 class Rotary(nn.Module):
     """Rotary position embedding on half of each head's dims; the other half carries no
-    position (half-truncated RoPE, from modded-nanogpt)."""
+    position (half-truncated RoPE, from modded-nanogpt). The tables are made once per
+    forward and shared by every layer."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -173,13 +288,20 @@ class Rotary(nn.Module):
         freqs = (1.0 / base) ** torch.linspace(0, 1, n)
         self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(n)]), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
-        T = x.size(1)
-        theta = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.freqs)
-        cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        y = torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
-        return y.type_as(x)
+    def forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, 1, 1, head_dim): x * cos + swap_halves(x) * sin rotates x."""
+        theta = torch.outer(torch.arange(T, device=self.freqs.device, dtype=torch.float32), self.freqs)
+        cos, sin = theta.cos(), theta.sin()
+        return torch.cat([cos, cos], -1)[:, None, None], torch.cat([sin, -sin], -1)[:, None, None]
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, T, ..., head_dim) rotated in float32 and returned in its dtype:
+    (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin)."""
+    cos, sin = rope
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([x2, x1], -1) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -188,24 +310,29 @@ class Attention(nn.Module):
         self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         # value residual (Zhou et al. 2024, "Value Residual Learning"): v <- a*v + (1-a)*v_first
         self.value_mix = nn.Parameter(torch.tensor(0.5)) if cfg.value_residual and layer > 0 else None
 
-    def forward(self, x, mask, v_first):  # x: (B, T, D)
+    def forward(self, x, mask, v_first, rope):  # x: (B, T, D)
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        v = v.contiguous()  # a strided view of qkv here: compiled CPU FlexAttention gets it wrong (torch 2.13)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        v = qkv[:, :, 2].contiguous()  # a strided view of qkv otherwise: compiled CPU FlexAttention gets it wrong (torch 2.13)
         if v_first is None:
             v_first = v
         elif self.value_mix is not None:
             v = self.value_mix * v + (1 - self.value_mix) * v_first
-        q, k = self.rotary(rms_norm(q).type_as(v)), self.rotary(rms_norm(k).type_as(v))  # QK-norm
+        q, k = apply_rotary(rms_norm(qkv[:, :, :2]).type_as(v), rope).unbind(2)  # QK-norm, then rotary, both at once
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
         if isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask, scale=self.scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # CPU: float32 even under autocast, where the SDPA kernels are faster than in bf16 (2 cores, torch 2.13)
+            with torch.autocast(x.device.type, enabled=False):
+                q, k, v = (t.float() for t in (q, k, v))
+                if isinstance(mask, BandedMask):
+                    y = banded_attention(q, k, v, mask, self.scale)
+                else:
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = y.to(v_first.dtype)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.proj(y), v_first
 
@@ -228,9 +355,9 @@ class Block(nn.Module):
         self.mix = nn.Parameter(torch.tensor([1.0, 0.0]))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, x0, mask, v_first):
+    def forward(self, x, x0, mask, v_first, rope):
         x = self.mix[0] * x + self.mix[1] * x0
-        a, v_first = self.attn(rms_norm(x), mask, v_first)
+        a, v_first = self.attn(rms_norm(x), mask, v_first, rope)
         x = x + self.dropout(a)
         x = x + self.dropout(self.mlp(rms_norm(x)))
         return x, v_first
@@ -246,12 +373,15 @@ class KBERT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         n_skip = cfg.n_layer // 2 if cfg.unet_skips else 0
         # U-net skips (modded-nanogpt, after Ronneberger et al. 2015): the second half of the
         # stack adds gated copies of the first half's outputs in mirror order.
         self.skip_weights = nn.Parameter(torch.ones(n_skip)) if n_skip else None
         self.mlm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.attn_backend = "auto"  # "flex" (FlexAttention + BlockMask), "sdpa" (dense mask), auto: flex on CUDA
+        # "flex": FlexAttention + BlockMask; "sdpa": SDPA, local layers banded (BandedMask) where that is shorter
+        # than the row; "dense": SDPA with dense masks everywhere (the reference); auto: flex on CUDA, else sdpa
+        self.attn_backend = "auto"
         self.init_weights()
 
     @torch.no_grad()
@@ -291,9 +421,17 @@ class KBERT(nn.Module):
             windows = self.default_windows(input_ids.device)
         docs = document_ids(input_ids)
         flex = self.attn_backend == "flex" or (self.attn_backend == "auto" and input_ids.is_cuda)
-        build = block_mask if flex else dense_mask
-        masks = (build(docs, windows[0]), build(docs, windows[1]))  # built once, shared by layers
-
+        if flex:  # built once, shared by the layers
+            masks = (block_mask(docs, windows[0]), block_mask(docs, windows[1]))
+        else:
+            # banded local layers: the band covers the window (its value, read here; under torch.compile
+            # the config's local_window, which the trainer makes the schedule's largest)
+            widest = self.cfg.local_window if torch.compiler.is_compiling() else int(windows[0])
+            masks = (banded_mask(docs, windows[0], widest) if self.attn_backend != "dense" else None,
+                     dense_mask(docs, windows[1]))
+            if masks[0] is None:
+                masks = (dense_mask(docs, windows[0]), masks[1])
+        rope = self.rotary(input_ids.size(1))
         x = x0 = rms_norm(self.embed(input_ids))
         if not self.cfg.residual_fp32 and torch.is_autocast_enabled(input_ids.device.type):
             x = x0 = x0.to(torch.get_autocast_dtype(input_ids.device.type))
@@ -303,18 +441,27 @@ class KBERT(nn.Module):
             j = i - (self.cfg.n_layer - n_skip)  # index into the second half
             if j >= 0:
                 x = x + self.skip_weights[j] * skips.pop()
-            x, v_first = block(x, x0, masks[int(self.cfg.is_global(i))], v_first)
+            x, v_first = block(x, x0, masks[int(self.cfg.is_global(i))], v_first, rope)
             if i < n_skip:
                 skips.append(x)
         return rms_norm(x)
 
-    def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, D) -> float32 logits (N, V), soft-capped."""
-        w = self.embed.weight if self.mlm_head is None else self.mlm_head.weight
-        logits = F.linear(h, w.type_as(h)).float()
+    def head_weight(self) -> torch.Tensor:
+        """(V, D): the MLM output matrix, the token embedding itself when tied."""
+        return self.embed.weight if self.mlm_head is None else self.mlm_head.weight
+
+    def capped_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, D) -> float32 logits (N, N_TARGETS) of the ordinary tokens, soft-capped."""
+        logits = F.linear(h, self.head_weight()[:N_TARGETS].type_as(h)).float()
         if self.cfg.softcap > 0:
             logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
         return logits
+
+    def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, D) -> float32 logits (N, V), soft-capped. Ids that are never a target ([CLS],
+        [MASK], [SEP], [PAD] and the rows that pad the vocabulary) get -inf: zero probability,
+        as in the training loss, so a fill-mask never answers [MASK]."""
+        return F.pad(self.capped_logits(h), (0, self.cfg.vocab_size - N_TARGETS), value=float("-inf"))
 
     def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
         """Cross-entropy only at positions with a label (labels >= 0): the head never sees
@@ -325,11 +472,18 @@ class KBERT(nn.Module):
         return loss, correct, target.numel()
 
     def mlm_head_loss(self, h: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
-        """h (N, D), target (N,) -> (loss, n_correct). Separate from mlm_loss so the trainer
-        can compile it with a dynamic N (the number of predicted tokens varies per batch)."""
-        logits = self.mlm_logits(h)
-        loss = F.cross_entropy(logits, target, reduction=reduction)
-        return loss, (logits.argmax(-1) == target).sum()
+        """h (N, D), target (N,) -> (loss, n_correct): the soft-capped cross-entropy over the
+        ordinary tokens. On CPU fused and chunked (SoftcapCrossEntropy: matmuls in autocast's
+        dtype, the rest in float32); on CUDA the plain formula, which the trainer compiles
+        (inductor fuses the cap and the cross-entropy)."""
+        if h.is_cuda:
+            logits = self.capped_logits(h)
+            return F.cross_entropy(logits, target, reduction=reduction), (logits.argmax(-1) == target).sum()
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            loss, correct = SoftcapCrossEntropy.apply(h, self.head_weight()[:N_TARGETS], target, self.cfg.softcap, dtype)
+        return (loss / max(1, target.numel()) if reduction == "mean" else loss), correct
 
     def param_counts(self) -> dict:
         total = sum(p.numel() for p in self.parameters())

@@ -26,7 +26,7 @@ import torch
 
 import common
 from data.shards import ShardError, open_shard, write_shard
-from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
+from model import CLS_ID, KBERT, MASK_ID, N_TARGETS, PAD_ID, SEP_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
 
 # ----------------------------------------------------------------------------------------
@@ -91,10 +91,14 @@ class TrainConfig:
     max_rollbacks: int = 3  # rollbacks per run (counted across resumes); one bad step more stops the run
     export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
     hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
-    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    # torch.compile of the model: "auto" compiles on CUDA, and on CPU for runs of at least 1,000 steps, where
+    # the compile (about 20-30 s on 2 cores) is paid back (the 300-step demo is faster eager:
+    # records/2026-12-05-cpu-speed); "true" / "false" force it
+    compile: str = "auto"
     # "bf16": bf16 autocast over fp32 weights and Muon's orthogonalisation in bf16; "fp32": neither
     # (a numerics reference, e.g. to tell a precision problem from an optimisation one);
-    # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), where it holds the fp32 loss curve
+    # (records/2026-12-05-cpu-speed), fp32 on other CPUs
     precision: str = "auto"
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
     overwrite: bool = False  # reuse an existing run id, writing over its log, checkpoints and export
@@ -107,6 +111,9 @@ class DataConfig:
     train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"  # glob of token shards (data/download_fineweb_edu.py)
     val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"  # glob of validation shards, disjoint from training
     seq_len: int = 8192  # packed sequence length (multiple of 128 for FlexAttention)
+    # end every document with [SEP] (in training and validation rows), as BERT and ModernBERT do: finetuning pairs
+    # and BLiMP inputs hold [SEP], whose embedding rows without it never train (bench/frontier.py's kbert-sep arm)
+    sep_at_end: bool = False
 
 
 GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
@@ -178,6 +185,8 @@ def check(hp: Hyperparameters):
         raise SystemExit(f"--train.batch_tokens {t.batch_tokens} must be a multiple of --data.seq_len {d.seq_len}")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"--train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.compile not in ("auto", "true", "false"):
+        raise SystemExit(f"--train.compile must be auto, true or false, got {t.compile!r}")
     if d.source not in ("files", "pydoc"):
         raise SystemExit(f"--data.source must be 'files' or 'pydoc', got {d.source!r}")
     for name in ("local_window_start", "local_window_end", "global_window_start", "global_window_end"):
@@ -272,10 +281,11 @@ class PackedLoader:
     (against `vocab_size`) when the loader is made."""
 
     def __init__(self, files: list[str], seq_len: int, seed: int = 0, shuffle: bool = True, loop: bool = True,
-                 vocab_size: int = ModelConfig.vocab_size):
+                 vocab_size: int = ModelConfig.vocab_size, sep_at_end: bool = False):
         self.files, self.T, self.seed, self.shuffle, self.loop = files, seq_len, seed, shuffle, loop
-        self.vocab_size = vocab_size
+        self.vocab_size, self.sep_at_end = vocab_size, sep_at_end
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = 0, 0, 0, False, 0
+        self.sep_owed = False  # sep_at_end: a document's tokens all placed, its [SEP] not yet (it opens the next row)
         self.exhausted = False  # with loop=False: the single pass is over
         self._loaded = None  # (path, tokens memmap, document start positions)
         for f in files:  # every header and token id up front, naming the bad file (one read of each shard)
@@ -295,8 +305,10 @@ class PackedLoader:
         return self._loaded[1], self._loaded[2]
 
     def _next_piece(self):
-        """The current document's remaining tokens (a view) and whether a [CLS] must be
-        inserted in front of them."""
+        """The current document's remaining tokens (a view; with sep_at_end a copy ending in
+        [SEP]) and whether a [CLS] must be inserted in front of them."""
+        if self.sep_owed:
+            return np.array([SEP_ID], dtype=np.uint16), True
         tokens, starts = self._shard()
         while self.pos >= len(tokens):  # shard exhausted
             if self.file_idx + 1 == len(self.files) and not self.loop:
@@ -309,7 +321,8 @@ class PackedLoader:
         nxt = np.searchsorted(starts, self.pos, side="right")
         end = starts[nxt] if nxt < len(starts) else len(tokens)
         need_cls = bool(self.cont or tokens[self.pos] != CLS_ID)  # a split piece or a shard starting mid-document
-        return tokens[self.pos:end], need_cls
+        piece = tokens[self.pos:end]
+        return (np.append(piece, np.uint16(SEP_ID)) if self.sep_at_end else piece), need_cls
 
     def next_sequence(self) -> np.ndarray:
         T = self.T
@@ -326,8 +339,13 @@ class PackedLoader:
             take = min(len(piece), T - fill)
             seq[fill:fill + take] = piece[:take]
             fill += take
-            self.pos += take
+            if self.sep_owed:  # the piece was a document's [SEP]
+                self.sep_owed = self.cont = take == 0
+                continue
+            real = len(piece) - int(self.sep_at_end)  # the document's own tokens in the piece
+            self.pos += min(take, real)
             self.cont = take < len(piece)
+            self.sep_owed = self.sep_at_end and take == real
         self.seq_index += 1
         return seq
 
@@ -338,13 +356,15 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": int(self.epoch), "file_idx": int(self.file_idx), "pos": int(self.pos), "cont": bool(self.cont),
-                "seq_index": int(self.seq_index), "files": [os.path.basename(f) for f in self.files]}
+                "seq_index": int(self.seq_index), "sep_owed": bool(self.sep_owed),
+                "files": [os.path.basename(f) for f in self.files]}
 
     def load_state_dict(self, s: dict):
         if s["files"] != [os.path.basename(f) for f in self.files]:
             raise SystemExit("the checkpoint was made on other data shards than --data.train_files matches now: "
                              f"{s['files'][:3]}... vs {[os.path.basename(f) for f in self.files][:3]}...")
         self.epoch, self.file_idx, self.pos, self.cont, self.seq_index = s["epoch"], s["file_idx"], s["pos"], s["cont"], s["seq_index"]
+        self.sep_owed = s.get("sep_owed", False)
 
 
 def document_lengths(batch: np.ndarray) -> np.ndarray:
@@ -408,8 +428,15 @@ def mask_tokens(ids: torch.Tensor, first_seq: int, seed: int, mask_rate: float, 
 
 def compute_dtype(precision: str, device_type: str) -> torch.dtype:
     """TrainConfig.precision -> the dtype of autocast and of Muon's orthogonalisation."""
-    bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
+    native = device_type == "cuda" or (device_type == "cpu" and common.native_bf16_cpu())
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and native) else torch.float32
+
+
+def use_compile(t: TrainConfig, device_type: str) -> bool:
+    """TrainConfig.compile -> whether to torch.compile: auto on CUDA, and on CPU from 1,000 steps."""
+    if t.compile != "auto":
+        return t.compile == "true"
+    return device_type == "cuda" or t.steps >= 1000
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | None = None) -> MuonAdamW:
@@ -440,12 +467,13 @@ def training_flops(cfg: ModelConfig, n_tokens: int, n_predicted: int, pairs_loca
     """FLOPs of forward + backward (x3 of forward), multiply-add = 2 FLOPs:
     matmuls 6 * N_matmul * tokens, with N_matmul = n_layer * (4 d^2 + 2 d d_mlp);
     attention 12 * d * (attended pairs) per layer (QK^T and PV), local or global pairs;
-    MLM head 6 * d * V on predicted tokens only. Norms, rotary and softmax are not counted."""
+    MLM head 6 * d * N_TARGETS on predicted tokens only (the ordinary tokens: model.N_TARGETS).
+    Norms, rotary and softmax are not counted."""
     d = cfg.d_model
     n_matmul = cfg.n_layer * (4 * d * d + 2 * d * cfg.d_mlp)
     n_global = sum(cfg.is_global(i) for i in range(cfg.n_layer))
     attn = 12 * d * (pairs_global * n_global + pairs_local * (cfg.n_layer - n_global))
-    return 6 * n_matmul * n_tokens + attn + 6 * d * cfg.vocab_size * n_predicted
+    return 6 * n_matmul * n_tokens + attn + 6 * d * N_TARGETS * n_predicted
 
 
 def step_flops(cfg: ModelConfig, batch: np.ndarray, n_predicted: int, windows: tuple[int, int]) -> float:
@@ -458,16 +486,18 @@ def step_flops(cfg: ModelConfig, batch: np.ndarray, n_predicted: int, windows: t
 
 def make_forward(model: KBERT, compile: bool, precision: str = "auto"):
     """forward(inputs, labels, windows, reduction) -> (loss, n_correct, n_predicted), under bf16
-    autocast for precision "bf16" or "auto" on CUDA (TrainConfig.precision). With compile, the
-    encoder is compiled with static shapes (windows are tensor inputs, so growing them never
-    recompiles) and the MLM head with a dynamic number of predicted tokens."""
+    autocast where compute_dtype says so (TrainConfig.precision). With compile, the encoder is
+    compiled with static shapes (windows are tensor inputs, so growing them never recompiles);
+    on CUDA also the MLM head, with a dynamic number of predicted tokens (on CPU the head is
+    model.py's fused loss, eager)."""
     device_type = next(model.parameters()).device.type
     bf16 = compute_dtype(precision, device_type) == torch.bfloat16
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     encoder = model
     if compile:
         encoder = torch.compile(model, dynamic=False, fullgraph=True)
-        model.mlm_head_loss = torch.compile(model.mlm_head_loss, dynamic=True)
+        if device_type == "cuda":
+            model.mlm_head_loss = torch.compile(model.mlm_head_loss, dynamic=True)
 
     def forward(inputs, labels, windows, reduction="mean"):
         with amp:
@@ -643,7 +673,8 @@ def load_encoder(path_or_repo: str, **overrides) -> tuple[KBERT, dict]:
 def validation_batch(files: list[str], hp: Hyperparameters) -> np.ndarray:
     """The fixed validation set: the first val_tokens of the validation shards, packed (read
     once per run)."""
-    loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False, vocab_size=hp.model.vocab_size)  # one pass at most
+    loader = PackedLoader(files, hp.data.seq_len, shuffle=False, loop=False, vocab_size=hp.model.vocab_size,
+                          sep_at_end=hp.data.sep_at_end)  # one pass at most
     seqs = []
     while len(seqs) < max(1, hp.train.val_tokens // hp.data.seq_len) and not loader.exhausted:
         seqs.append(loader.next_sequence())
@@ -793,7 +824,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         train_files, val_files = shard_files(dc.train_files, "training"), shard_files(dc.val_files, "validation")
         val_batch = validation_batch(val_files, hp)
-        loader = PackedLoader(train_files, dc.seq_len, seed=t.seed, vocab_size=hp.model.vocab_size)
+        loader = PackedLoader(train_files, dc.seq_len, seed=t.seed, vocab_size=hp.model.vocab_size, sep_at_end=dc.sep_at_end)
         if resume_state is not None:
             loader.load_state_dict(resume_state["loader"])
     except ShardError as e:
@@ -871,7 +902,10 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         f"{counts['non_embedding']:,} non-embedding)")
     opt = build_optimizer(model, t)
     cuda = d.device.type == "cuda"
-    compiled = cuda and t.compile
+    compiled = use_compile(t, d.device.type)
+    if compiled and not cuda and t.local_window_start > t.local_window_end:
+        raise SystemExit("--train.compile on CPU sizes the banded local attention by the last local window: give "
+                         "--train.local_window_start <= --train.local_window_end, or --train.compile false")
     forward = make_forward(model, compile=compiled, precision=t.precision)
 
     step, tokens_seen = 0, 0

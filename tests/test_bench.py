@@ -25,7 +25,7 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
 def test_benchmark_flops_equal_a_hand_count(tmp_path):
     """Rows of 256 tokens that each hold one document of 100 and one of 156 tokens, every
     ordinary token predicted (mask rate 1), windows 64 (local) and 8,192 (global), KBERT-tiny
-    (4 layers: 2 local, 2 global; d 64, MLP 256, vocabulary 50,304), 8 rows per step."""
+    (4 layers: 2 local, 2 global; d 64, MLP 256, 50,256 ordinary ids), 8 rows per step."""
     from data.shards import write_shard
     from model import CLS_ID
 
@@ -42,7 +42,7 @@ def test_benchmark_flops_equal_a_hand_count(tmp_path):
     # attended pairs per row: within the window 64, a document of L tokens has L(2*64 - 1) - 64*63
     # pairs (100: 8,668; 156: 15,780); within 8,192 it has L^2 (10,000; 24,336)
     attention = 12 * 64 * 8 * (2 * (8_668 + 15_780) + 2 * (10_000 + 24_336))
-    head = 6 * 64 * 50_304 * (2048 - 16)  # every token but the 16 [CLS] is predicted
+    head = 6 * 64 * 50_256 * (2048 - 16)  # every token but the 16 [CLS] is predicted, scored over the 50,256 ordinary ids
     print(f"benchmark FLOPs per step {r['flops_per_step']:,.0f} = matmuls {matmuls:,} + attention {attention:,} + head {head:,}")
     assert r["real_tokens_per_step"] == 2048 and r["mean_doc_len"] == 128
     assert r["flops_per_step"] == matmuls + attention + head

@@ -5,8 +5,9 @@ import torch
 
 from torch.nn.attention.flex_attention import BlockMask
 
-from model import (CLS_ID, PAD_ID, PRESETS, KBERT, ModelConfig, SpanHead, ClassificationHead, block_lists, block_mask,
-                   document_ids, make_mask_mod)
+from model import (CLS_ID, MASK_ID, N_TARGETS, PAD_ID, PRESETS, KBERT, ModelConfig, SoftcapCrossEntropy, SpanHead,
+                   ClassificationHead, banded_attention, banded_mask, block_lists, block_mask, dense_mask, document_ids,
+                   make_mask_mod)
 
 
 def random_model(seed=0, **overrides):
@@ -113,6 +114,7 @@ def test_gradients_match_float64_reference():
     ids = packed_batch(T=256)
     labels = torch.full_like(ids, -100)
     labels[:, 5::7] = ids[:, 5::7]
+    labels[labels >= CLS_ID] = -100  # special ids are never targets
     loss, _, _ = m.mlm_loss(m(ids), labels)
     loss.backward()
     ref = random_model(local_window=64).double()
@@ -177,6 +179,96 @@ def test_masks_never_cross_documents_or_windows():
     assert torch.equal(h[1], h3[1])
 
 
+def test_dense_mask_evaluates_the_mask_mod_everywhere():
+    from torch.nn.attention.flex_attention import create_mask
+
+    docs = document_ids(random_documents(3, 256, seed=3))
+    for w in (1, 7, 64, 300):
+        ref = create_mask(make_mask_mod(docs, torch.tensor(w)), 3, None, 256, 256, device="cpu")
+        assert torch.equal(dense_mask(docs, torch.tensor(w)), ref), w
+
+
+def test_banded_attention_equals_dense_forward_and_backward():
+    """Banded SDPA (query blocks against the key blocks the window reaches) against dense SDPA
+    under the same mask_mod, outputs and q/k/v gradients, over random documents, [PAD] runs and
+    windows from 1 token to past a block, with a band wider than the window too (the compiled
+    path sizes the band by the schedule's widest window)."""
+    import torch.nn.functional as F
+
+    B, H, T, Dh = 3, 2, 1024, 16
+    docs = document_ids(random_documents(B, T, seed=1))
+    g = torch.Generator().manual_seed(0)
+    worst, shapes = 0.0, set()
+    for w, widest in ((1, 1), (5, 5), (64, 64), (65, 65), (100, 128), (128, 128)):
+        bm = banded_mask(docs, torch.tensor(w), widest)
+        assert bm is not None and (2 * bm.reach + 1) * bm.block < T and bm.reach * bm.block >= widest - 1
+        shapes.add(bm.reach)
+        q, k, v = (torch.randn(B, H, T, Dh, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = banded_attention(q, k, v, bm, scale=0.12)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, Dh, dtype=torch.float64)).sum(), (q, k, v))
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(docs, torch.tensor(w)), scale=0.12)
+        ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, Dh, dtype=torch.float64)).sum(), (q, k, v))
+        worst = max(worst, (out - ref).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(grads, ref_grads)))
+    print(f"banded vs dense SDPA (float64), outputs and gradients: max abs diff {worst:.2e}; reaches {sorted(shapes)}")
+    assert worst < 1e-12 and len(shapes) == 3
+    assert banded_mask(docs, torch.tensor(300), 300) is None  # a band over half the row: dense instead
+
+
+@torch.no_grad()
+def test_model_paths_agree_banded_dense_and_flex():
+    """The whole encoder with banded local layers (CPU default), dense SDPA and eager
+    FlexAttention gives the same hidden states."""
+    m = random_model(local_window=100, global_window=300)
+    ids = random_documents(2, 1024, seed=5)
+    assert banded_mask(document_ids(ids), torch.tensor(100), 100) is not None  # rows long enough for the band
+    out = {}
+    for backend in ("sdpa", "dense", "flex"):
+        m.attn_backend = backend
+        out[backend] = m(ids)
+    err = max((out["sdpa"] - out["dense"]).abs().max().item(), (out["flex"] - out["dense"]).abs().max().item())
+    print(f"encoder: banded / flex vs dense max abs diff {err:.2e}")
+    assert err < 1e-5
+
+
+def test_softcap_cross_entropy_against_autograd():
+    """The fused, chunked head loss and its gradients against autograd through the plain
+    formula, in float64: loss, gradients of h and W, the correct count, with and without the
+    cap, for row counts around the chunk size (and none)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    for cap in (15.0, 0.0):
+        for N in (0, 1, SoftcapCrossEntropy.CHUNK, SoftcapCrossEntropy.CHUNK + 3, 3 * SoftcapCrossEntropy.CHUNK - 1):
+            h = torch.randn(N, 16, generator=g, dtype=torch.float64, requires_grad=True)
+            w = (3 * torch.randn(300, 16, generator=g, dtype=torch.float64)).requires_grad_()
+            t = torch.randint(0, 300, (N,), generator=g)
+            loss, correct = SoftcapCrossEntropy.apply(h, w, t, cap, torch.float64)
+            (0.7 * loss).backward()
+            z = h @ w.t()
+            z = cap * torch.tanh(z / cap) if cap else z
+            ref = F.cross_entropy(z, t, reduction="sum")
+            gh, gw = torch.autograd.grad(0.7 * ref, (h, w)) if N else (torch.zeros_like(h), torch.zeros_like(w))
+            assert abs(loss.item() - ref.item()) < 1e-9 and correct.item() == (z.argmax(-1) == t).sum().item()
+            assert torch.allclose(h.grad, gh, atol=1e-12) and torch.allclose(w.grad, gw, atol=1e-12), (cap, N)
+    # in the model: the bf16 matmuls of autocast, against the same formula in float32
+    m = random_model()
+    hid = torch.randn(50, 64, generator=g)
+    target = torch.randint(0, N_TARGETS, (50,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m.mlm_head_loss(hid, target)
+    ref = F.cross_entropy(m.mlm_logits(hid), target)
+    print(f"bf16 head loss {loss.item():.4f} vs float32 {ref.item():.4f}")
+    assert abs(loss.item() - ref.item()) < 0.02
+
+
+def test_mlm_logits_never_score_special_or_padding_ids():
+    m = random_model()
+    logits = m.mlm_logits(torch.randn(5, 64))
+    assert logits.shape == (5, m.cfg.vocab_size)
+    assert torch.isneginf(logits[:, N_TARGETS:]).all() and logits[:, :N_TARGETS].isfinite().all()
+    assert N_TARGETS == CLS_ID < MASK_ID < PAD_ID
+
+
 def test_mlm_loss_only_at_labelled_positions():
     m = random_model()
     ids = packed_batch(T=256)
@@ -186,7 +278,7 @@ def test_mlm_loss_only_at_labelled_positions():
     loss, correct, n = m.mlm_loss(h, labels)
     ref = torch.nn.functional.cross_entropy(m.mlm_logits(h[0, 3:4]), torch.tensor([17]))
     assert n == 1 and torch.allclose(loss, ref)
-    assert m.mlm_logits(h[0]).abs().max() <= m.cfg.softcap
+    assert m.mlm_logits(h[0])[:, :N_TARGETS].abs().max() <= m.cfg.softcap
 
 
 def test_heads_against_hand_computation():

@@ -59,7 +59,8 @@ def base_args(tmp, run_id, steps=6):
             "--data.seq_len", "128", "--train.batch_tokens", "1024", "--train.micro_batch_seqs", "2", "--train.steps", str(steps),
             "--train.val_every", "3", "--train.val_tokens", "1024", "--train.save_every", "3",
             "--train.checkpoint_dir", f"{tmp}/ck", "--train.export_dir", f"{tmp}/ex", "--train.run_id", run_id,
-            "--train.local_window_start", "32", "--train.global_window_start", "64", "--train.global_window_end", "128"]
+            "--train.local_window_start", "32", "--train.global_window_start", "64", "--train.global_window_end", "128",
+            "--train.precision", "fp32"]  # the numerics reference: exact comparisons whatever the CPU (auto is bf16 on some)
 
 
 def losses(history):
@@ -524,7 +525,7 @@ def test_bf16_precision_runs_on_cpu_close_to_fp32(shards, monkeypatch):
     monkeypatch.chdir(shards)
     args = base_args(shards, "p", steps=2) + ["--train.val_every", "0", "--train.save_every", "0", "--train.overwrite", "true"]
     runs = {name: losses(trainer.main(args + extra)["history"]) for name, extra in (
-        ("fp32", []), ("bf16", ["--train.precision", "bf16"]),
+        ("fp32", ["--train.precision", "fp32"]), ("bf16", ["--train.precision", "bf16"]),
         ("bf16 residual", ["--train.precision", "bf16", "--model.residual_fp32", "false"]))}
     print({k: [f"{x:.4f}" for x in v] for k, v in runs.items()})
     for name in ("bf16", "bf16 residual"):
@@ -544,6 +545,8 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"did you mean --train.steps\?"):
         trainer.parse_args(["--trian.steps", "1"])
     with pytest.raises(SystemExit, match="expected true/false"):
+        trainer.parse_args(["--train.overwrite", "maybe"])
+    with pytest.raises(SystemExit, match="compile must be auto, true or false"):
         trainer.parse_args(["--train.compile", "maybe"])
     with pytest.raises(SystemExit, match="expected int"):
         trainer.parse_args(["--train.steps", "ten"])
@@ -561,7 +564,7 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="--data.train_files does not apply to --data.source pydoc"):
         trainer.parse_args(["--demo", "--data.train_files", "mine_*.bin"])
     assert trainer.parse_args(["--demo", "--data.seq_len", "256"]).data.seq_len == 256  # other --data.* are honoured
-    assert trainer.parse_args(["--train.compile", "False"]).train.compile is False
+    assert trainer.parse_args(["--train.overwrite", "False"]).train.overwrite is False
     assert not (shards / "logs" / "m.txt").exists()  # nothing was started: no log left behind
 
 
