@@ -7,7 +7,7 @@
 # Inputs (git-ignored; GPU_DATA=bench/data by default), prepared where the network or the text is:
 #   python data/tokenize_text.py --files 'TEXT/*.jsonl' --out bench/data/prose --val-permille 50   # token shards
 #   cp MNLI_ROWS.jsonl bench/data/mnli.jsonl                                                      # finetune section
-#   python data/download_blimp.py --out bench/data/blimp.jsonl                                    # compare section
+#   python -m bench.frontier --frontier.preset gpu --frontier.stages pack                         # frontier section (<= 40 MiB)
 #   python -c "import tokenizer; tokenizer.install_offline_bpe('GPT2_BPE_DIR', 'bench/data/tiktoken')"
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
@@ -62,13 +62,14 @@ finetune)
       --train.compile $compile > "$OUT/finetune-compile-$compile.txt" 2>&1
     echo "compile $compile (exit $?):"; grep -E "examples/s|accuracy|Error" "$OUT/finetune-compile-$compile.txt" | tail -4 | cut -c1-250
   done ;;
-compare)
-  # issue 11's GPU scale: every arm of bench/compare_recipes.py near the small preset (~8 minutes)
-  echo "== recipe comparison, GPU scale"
-  timeout 540 python3 -m bench.compare_recipes --compare.scale gpu --compare.train_files "$DATA/prose_train_*.bin" \
-    --compare.val_files "$DATA/prose_val_*.bin" --compare.blimp_file "$DATA/blimp.jsonl" --compare.out "$OUT/compare" \
-    > "$OUT/compare.txt" 2>&1
-  tail -14 "$OUT/compare.txt" ;;
-*) echo "unknown section $section: choose from tests trainer stability bench finetune compare"; exit 2 ;;
+frontier)
+  # bench/frontier.py's gpu preset: every arm, 3 budgets, BLiMP and GLUE-small finetuning (estimated under 10 minutes
+  # on one H100: records/2026-12-05-cpu-frontier/README.md); its data prepared by the pack stage into $DATA/frontier
+  echo "== the frontier, GPU preset"
+  timeout 590 python3 -m bench.frontier --frontier.preset gpu --frontier.corpus "$DATA/frontier/frontier" \
+    --frontier.glue_dir "$DATA/frontier" --frontier.blimp_file "$DATA/frontier/blimp.jsonl" --frontier.out "$OUT/frontier" \
+    --frontier.work_dir "$RUN/frontier" --frontier.stages pretrain,blimp,finetune,report > "$OUT/frontier.txt" 2>&1
+  tail -24 "$OUT/frontier.txt" ;;
+*) echo "unknown section $section: choose from tests trainer stability bench finetune frontier"; exit 2 ;;
 esac; done
 true

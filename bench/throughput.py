@@ -1,7 +1,11 @@
 """Training-step throughput of KBERT against Hugging Face ModernBERT-base and BERT-base,
-in one process on one GPU, at the same number of real tokens per step.
+in one process on one GPU, at the same number of real tokens per step; on CPU, KBERT eager and
+compiled against ModernBERT eager and compiled at the same width, depth and rows.
 
     python -m bench.throughput                                  # GPU: KBERT-base vs ModernBERT-base vs BERT-base
+    python -m bench.throughput --bench.device cpu --bench.presets tiny --bench.width 128 --bench.layers 4 \\
+        --bench.baselines modernbert --bench.baseline_size match --bench.tokens_per_step 4096 --bench.kbert_seq_len 512 \\
+        --bench.kbert_micro 8 --bench.compile false,true --bench.baseline_compile false,true   # CPU, the frontier's width
     python -m bench.throughput --bench.device cpu --bench.presets tiny --bench.baselines none \\
         --bench.tokens_per_step 2048 --bench.kbert_seq_len 256 --bench.kbert_micro 4 --bench.steps 2  # CPU smoke
 
@@ -10,7 +14,10 @@ trainer.train_step itself, compiled forward and MuonAdamW; baselines: their own 
 fused AdamW), with compile and warm-up excluded, CUDA-synchronised, median over `steps`. Each
 model gets the best of a small sweep of micro-batch sizes; gradient accumulation keeps tokens
 per step equal. Tokens/s and FLOPs count real tokens: KBERT's rows are packed full (no [PAD]),
-the baselines' rows are full random ids.
+the baselines' rows are full random ids (with --bench.baseline_size match: KBERT's own packed
+rows, read by the baselines as one sequence a row, without document masks: their fastest
+path, so the ratio is conservative for KBERT). Precision: trainer.compute_dtype's auto for
+every model (bf16 autocast on CUDA and on CPUs with native bf16).
 
 FLOPs per step (multiply-add = 2, forward + backward = 3 x forward), counted for the work
 each model's design does:
@@ -37,6 +44,7 @@ import torch
 
 import common
 import trainer
+from bench import baselines
 from model import CLS_ID, KBERT, ModelConfig
 
 
@@ -60,8 +68,12 @@ class BenchConfig:
     mean_doc_len: int = 1000  # synthetic documents: geometric lengths with this mean
     warmup: int = 3  # untimed steps (compile happens here)
     steps: int = 10  # timed steps (median reported)
-    compile: bool = True  # torch.compile KBERT (always, on CUDA) ...
-    baseline_compile: bool = True  # ... and the baselines (their compile can take minutes)
+    width: int = 0  # >0: KBERT's d_model (heads of 64, base's MLP ratio), overriding the preset's ...
+    layers: int = 0  # ... and n_layer; with baseline_size match, the baselines' too
+    baseline_size: str = "base"  # "base": ModernBERT-base / BERT-base; "match": KBERT's width, depth and rows
+    compile: str = "auto"  # torch.compile KBERT: "true", "false", "false,true" (time both), auto: on CUDA only ...
+    baseline_compile: str = "auto"  # ... and the baselines (their compile can take minutes)
+    threads: int = 0  # torch CPU threads; 0: torch's default
     device: str = "auto"
     profile: bool = False  # torch.profiler table of KBERT's step (first preset)
     out: str = "bench/results.json"
@@ -74,8 +86,9 @@ def sync(device):
 
 
 def matmul_peak(device) -> float:
-    """Measured dense matmul rate: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (FLOP/s)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    """Measured dense matmul rate in the training dtype (trainer.compute_dtype's auto): 8192^3 on
+    CUDA, 2048^3 on CPU (FLOP/s)."""
+    n, dtype = (8192 if device.type == "cuda" else 2048), trainer.compute_dtype("auto", device.type)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -135,7 +148,7 @@ def parse_variant(variant: str) -> dict:
 
 
 def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, model_cfg: ModelConfig,
-                profile: bool = False) -> dict:
+                profile: bool = False, compile: bool = True) -> dict:
     """KBERT's step is trainer.train_step itself (masking, micro-batches, loss normalisation,
     MuonAdamW), at a fixed point of the schedules: cfg's mask rate and windows."""
     T = cfg.kbert_seq_len
@@ -145,7 +158,7 @@ def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, m
                             local_window_start=cfg.window_local, local_window_end=cfg.window_local,
                             global_window_start=cfg.window_global, global_window_end=cfg.window_global)
     opt = trainer.build_optimizer(model, t)
-    forward = trainer.make_forward(model, compile=cfg.compile and device.type == "cuda")
+    forward = trainer.make_forward(model, compile=compile)
     dist = common.Dist(rank=0, local_rank=0, world=1, device=device)
     data = kbert_batches(cfg, 2 * rows_per_step)  # two steps' worth of distinct batches, rotated
     halves = [data[:rows_per_step], data[rows_per_step:]]
@@ -153,7 +166,8 @@ def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, m
 
     def step():
         k = state["i"] % 2
-        outs[k] = trainer.train_step(model, opt, forward, halves[k], k * rows_per_step, t.steps // 2, t, dist)
+        outs[k] = trainer.train_step(model, opt, forward, halves[k], k * rows_per_step, t.steps // 2, t, dist,
+                                     static_rows=compile)
         state["i"] += 1
 
     dt, mem = time_steps(step, cfg, device)
@@ -164,76 +178,48 @@ def bench_kbert(label: str, micro: int, cfg: BenchConfig, device, peak: float, m
     result = {"model": label, "params": model.param_counts()["total"], "tokens_per_step": cfg.tokens_per_step,
               "real_tokens_per_step": real, "seq_len": T, "micro_batch": micro, "ms_per_step": dt * 1000,
               "tokens_per_s": real / dt, "flops_per_step": flops, "mfu": flops / dt / peak,
-              "peak_mem_gib": mem, "mean_doc_len": float(trainer.document_lengths(data).mean())}
-    if profile and device.type == "cuda":
+              "peak_mem_gib": mem, "mean_doc_len": float(trainer.document_lengths(data).mean()), "compiled": compile,
+              "precision": str(trainer.compute_dtype("auto", device.type)).removeprefix("torch.")}
+    if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        cuda = device.type == "cuda"
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             for _ in range(3):
                 step()
             sync(device)
-        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+                                                      row_limit=25)
     return result
 
 
 # ----------------------------------------------------------------------------------------
-# Hugging Face baselines (random init, bf16 autocast, their fastest available attention)
+# Hugging Face baselines (random init, their fastest available attention; bench/baselines.py)
 
 
-def hf_model(name: str, device):
-    import transformers
-
-    if name == "modernbert":
-        config = transformers.ModernBertConfig()  # the defaults are ModernBERT-base
-        config.sparse_prediction = True  # the vocab head only on predicted tokens, as in its pretraining
-        cls, impls = transformers.ModernBertForMaskedLM, ("flash_attention_2", "sdpa")
+def bench_hf(name: str, micro: int, seq_len: int, cfg: BenchConfig, device, peak: float, compile: bool = True) -> dict:
+    """A baseline's own training step (its MLM loss through its forward, AdamW) on full rows:
+    base size on random ids, or (baseline_size match) KBERT's width and depth on KBERT's rows."""
+    if cfg.baseline_size == "match":
+        ref = kbert_config(cfg, cfg.presets.split(",")[0])
+        model, impl = baselines.build(name, ref.d_model, ref.n_layer, seq_len).to(device), "sdpa"
     else:
-        config = transformers.BertConfig()  # bert-base-uncased shape
-        cls, impls = transformers.BertForMaskedLM, ("sdpa",)
-    for impl in impls:
-        try:
-            return cls._from_config(config, attn_implementation=impl).to(device), impl
-        except Exception as e:  # flash-attn not installed, ...
-            print(f"{name}: attention {impl} unavailable ({type(e).__name__}: {str(e)[:100]})")
-    raise RuntimeError(f"no attention implementation of {name} loads")
-
-
-def hf_flops(model, name: str, seq_len: int, tokens: int, n_pred: int) -> float:
-    cfg = model.config
-    V, d = cfg.vocab_size, cfg.hidden_size
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features != V)
-    n_seqs = tokens // seq_len
-    if name == "modernbert":
-        layer_types = getattr(cfg, "layer_types", None)  # transformers >= 5; older: global_attn_every_n_layers
-        n_global = (sum(t == "full_attention" for t in layer_types) if layer_types else
-                    sum(1 for i in range(cfg.num_hidden_layers) if i % cfg.global_attn_every_n_layers == 0))
-        w = cfg.local_attention // 2 + 1  # |i - j| <= local_attention / 2
-        local_pairs = seq_len * (2 * w - 1) - w * (w - 1)
-        pairs = n_seqs * (n_global * seq_len**2 + (cfg.num_hidden_layers - n_global) * local_pairs)
-        head_rows = n_pred
-    else:
-        pairs = n_seqs * cfg.num_hidden_layers * seq_len**2
-        head_rows = tokens
-    return 6 * linear * tokens + 12 * d * pairs + 6 * d * V * head_rows
-
-
-def bench_hf(name: str, micro: int, seq_len: int, cfg: BenchConfig, device, peak: float) -> dict:
-    model, impl = hf_model(name, device)
+        model, impl = baselines.base_model(name, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    fwd = model
-    compiled = False
-    if cfg.baseline_compile and device.type == "cuda":
-        fwd, compiled = torch.compile(model), True
+    fwd, compiled = (torch.compile(model), True) if compile else (model, False)
     accum = cfg.tokens_per_step // (micro * seq_len)
     g = torch.Generator(device="cpu").manual_seed(0)
     V = model.config.vocab_size
+    rows = torch.from_numpy(kbert_batches(cfg, 2 * accum * micro)).long() if cfg.baseline_size == "match" else None
     batches = []
-    for _ in range(2 * accum):
-        ids = torch.randint(5, V - 1, (micro, seq_len), generator=g)
-        labels = torch.where(torch.rand(micro, seq_len, generator=g) < cfg.mask_rate, ids, torch.full_like(ids, -100))
+    for k in range(2 * accum):
+        ids = rows[k * micro:(k + 1) * micro] if rows is not None else torch.randint(5, V - 1, (micro, seq_len), generator=g)
+        pick = (torch.rand(micro, seq_len, generator=g) < cfg.mask_rate) & (ids < CLS_ID)
+        labels = torch.where(pick, ids, torch.full_like(ids, -100))
         batches.append((ids.to(device), labels.to(device), torch.ones_like(ids, device=device)))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bf16 = trainer.compute_dtype("auto", device.type) == torch.bfloat16
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     state = {"i": 0}
 
     def step():
@@ -255,15 +241,36 @@ def bench_hf(name: str, micro: int, seq_len: int, cfg: BenchConfig, device, peak
         fwd, compiled = model, False
         dt, mem = time_steps(step, cfg, device)
     n_pred = sum(int((b[1] >= 0).sum()) for b in batches) / 2
-    flops = hf_flops(model, name, seq_len, cfg.tokens_per_step, n_pred)
-    label = {"modernbert": "ModernBERT-base (HF)", "bert": "BERT-base (HF)"}[name]
+    flops = baselines.unpacked_flops(model, name, seq_len, cfg.tokens_per_step, n_pred)
+    size = "base" if cfg.baseline_size != "match" else f"d{model.config.hidden_size}x{model.config.num_hidden_layers}"
+    label = {"modernbert": "ModernBERT", "bert": "BERT"}[name] + f"-{size} (HF)" + (" compiled" if compiled else " eager")
     result = {"model": label, "params": sum(p.numel() for p in model.parameters()), "tokens_per_step": cfg.tokens_per_step,
               "seq_len": seq_len, "micro_batch": micro, "ms_per_step": dt * 1000, "tokens_per_s": cfg.tokens_per_step / dt,
-              "flops_per_step": flops, "mfu": flops / dt / peak, "peak_mem_gib": mem, "attention": impl, "compiled": compiled}
+              "flops_per_step": flops, "mfu": flops / dt / peak, "peak_mem_gib": mem, "attention": impl, "compiled": compiled,
+              "precision": "bfloat16" if bf16 else "float32"}
     return result
 
 
+def kbert_config(cfg: BenchConfig, preset: str, **overrides) -> ModelConfig:
+    """A preset, with --bench.width / --bench.layers (heads of 64, base's MLP ratio) on top."""
+    if cfg.width:
+        overrides = {"d_model": cfg.width, "n_head": max(1, cfg.width // 64), "d_mlp": cfg.width * 8 // 3 // 32 * 32,
+                     **overrides}
+    if cfg.layers:
+        overrides = {"n_layer": cfg.layers, **overrides}
+    return ModelConfig(preset=preset, **overrides)
+
+
 # ----------------------------------------------------------------------------------------
+
+
+def compile_modes(value: str, option: str, device) -> list[bool]:
+    """"auto" (CUDA: compiled, CPU: eager), "true", "false" or "false,true" -> the modes to time."""
+    modes = [device.type == "cuda" if v.strip() == "auto" else common._convert(v.strip(), bool, option)
+             for v in value.split(",") if v.strip()]
+    if not modes:
+        raise SystemExit(f"--{option} needs auto, true, false or a list such as false,true")
+    return modes
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -274,7 +281,8 @@ def best_of(runs: list[dict]) -> dict:
 def summarize(sweeps: dict) -> list[dict]:
     """Best micro-batch per model, with the tokens/s ratio to ModernBERT-base."""
     results = [best_of(runs) for runs in sweeps.values() if runs]
-    ref = next((r for r in results if r["model"].startswith("ModernBERT") and "error" not in r), None)
+    ref = max((r for r in results if r["model"].startswith("ModernBERT") and "error" not in r),
+              key=lambda r: r["tokens_per_s"], default=None)  # ModernBERT at its best (eager or compiled)
     for r in results:
         if ref and "error" not in r:
             r["vs_modernbert"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -303,10 +311,17 @@ def main(argv=None):
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
     if cfg.tokens_per_step % cfg.kbert_seq_len:
         raise SystemExit("--bench.tokens_per_step must be a multiple of --bench.kbert_seq_len")
+    if cfg.baseline_size not in ("base", "match"):
+        raise SystemExit(f"--bench.baseline_size must be base or match, got {cfg.baseline_size!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    kbert_modes = compile_modes(cfg.compile, "bench.compile", device)
+    base_modes = compile_modes(cfg.baseline_compile, "bench.baseline_compile", device)
     # "" is each preset's default; a typo in a variant fails here, before any GPU time is spent
     variants = {v: parse_variant(v) for v in [""] + [v.strip() for v in cfg.variants.split(";") if v.strip()]}
     peak = matmul_peak(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            common.hardware_summary(device).splitlines()[1])
     print(f"device {name}, torch {torch.__version__}, measured matmul peak {peak / 1e12:.1f} TFLOP/s")
     # one entry per (model, micro-batch); every model's first size runs, the rest of the sweep
     # only while the time budget lasts (compiles dominate a short GPU run)
@@ -315,22 +330,30 @@ def main(argv=None):
     variant_jobs = []  # timed after the baselines: a killed run still has the ratio to ModernBERT
     for preset in cfg.presets.split(","):
         for v, overrides in variants.items():
-            label = f"KBERT-{preset}" + (f" [{v}]" if v else "")
             try:
-                model_cfg = ModelConfig(preset=preset, **overrides)
+                model_cfg = kbert_config(cfg, preset, **overrides)
             except ValueError as e:
-                raise SystemExit(f"--bench.presets / --bench.variants, {label}: {e}") from None
-            profile = cfg.profile and not jobs and not v  # the first preset's default, first micro-batch
-            (variant_jobs if v else jobs).append((label, [
-                (label, bench_kbert, label, m, cfg, device, peak, model_cfg, profile and k == 0)
-                for k, m in enumerate(kbert_micros)]))
+                raise SystemExit(f"--bench.presets / --bench.variants, {preset} {v}: {e}") from None
+            for compiled in kbert_modes:
+                size = f" d{model_cfg.d_model}x{model_cfg.n_layer}" if cfg.width or cfg.layers else ""
+                label = (f"KBERT-{preset}{size}" + (f" [{v}]" if v else "")
+                         + ((" compiled" if compiled else " eager") if len(kbert_modes) > 1 else ""))
+                profile = cfg.profile and not jobs and not v  # the first preset's default, first micro-batch
+                (variant_jobs if v else jobs).append((label, [
+                    (label, bench_kbert, label, m, cfg, device, peak, model_cfg, profile and k == 0, compiled)
+                    for k, m in enumerate(kbert_micros)]))
     if cfg.baselines != "none":
         if importlib.util.find_spec("transformers") is None:
             raise SystemExit("--bench.baselines needs `pip install transformers` (benchmark only), or pass --bench.baselines none")
         for base in cfg.baselines.split(","):
-            seq = getattr(cfg, f"{base}_seq_len")
-            micros = [int(m) for m in getattr(cfg, f"{base}_micro").split(",") if cfg.tokens_per_step % (int(m) * seq) == 0]
-            jobs.append((base, [(base, bench_hf, base, m, seq, cfg, device, peak) for m in micros]))
+            if cfg.baseline_size == "match":  # KBERT's rows and micro-batches
+                seq, micros = cfg.kbert_seq_len, kbert_micros
+            else:
+                seq = getattr(cfg, f"{base}_seq_len")
+                micros = [int(m) for m in getattr(cfg, f"{base}_micro").split(",") if cfg.tokens_per_step % (int(m) * seq) == 0]
+            for compiled in base_modes:
+                jobs.append((f"{base} compiled:{compiled}", [(base, bench_hf, base, m, seq, cfg, device, peak, compiled)
+                                                            for m in micros]))
     jobs += variant_jobs
     t_start = time.perf_counter()
     sweeps = {name: [] for name, _ in jobs}

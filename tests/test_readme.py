@@ -9,12 +9,12 @@ import pytest
 import common
 import finetuner
 import trainer
-from bench import checkpoint_cost, compare_recipes, packing, throughput
+from bench import checkpoint_cost, frontier, packing, throughput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
 SCRIPTS = {"trainer.py": trainer.GROUPS, "finetuner.py": finetuner.GROUPS, "bench.throughput": {"bench": throughput.BenchConfig},
-           "bench.packing": {"bench": packing.PackingConfig}, "bench.compare_recipes": {"compare": compare_recipes.CompareConfig},
+           "bench.packing": {"bench": packing.PackingConfig}, "bench.frontier": {"frontier": frontier.FrontierConfig},
            "bench.checkpoint_cost": {"bench": checkpoint_cost.CheckpointConfig}}
 
 

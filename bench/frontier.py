@@ -1,0 +1,952 @@
+"""The frontier: KBERT's recipe against the ModernBERT and BERT recipes at several pretraining
+budgets, judged where the mission is judged: finetuned on GLUE tasks, and on BLiMP.
+
+    python -m bench.frontier                              # the CPU frontier: hours on 2 cores, resumable
+    python -m bench.frontier --frontier.preset gpu        # one H100, at most 10 minutes (bench/gpu_checks.sh frontier)
+    python -m bench.frontier --frontier.preset smoke      # seconds: every stage at toy size (the tests)
+    python -m bench.frontier --frontier.stages report     # tables and plots from the stored results
+
+Stages, in order:
+  corpus    shards of ../shared's Wikipedia and prose, documents shuffled once (fixed seed) and
+            split by a hash of their text into train and a held-out validation set; the
+            unigram cross-entropy of the validation masks, counted on the training tokens
+  pretrain  every arm at every budget on the same packed rows in the same order, scored on one
+            fixed validation set with fixed masks (15% of the ordinary tokens, all [MASK]);
+            the baselines' learning rates swept at the smallest budget until the best is
+            bracketed, the best one then used at the larger budgets; a second pretraining
+            seed at the smallest budget for every recipe
+  blimp     each reported model on BLiMP (all 67 paradigms, `blimp_pairs` each, fp32)
+  finetune  each reported model through finetuner.py (in this process), one protocol for every
+            arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds
+  report    results.json, results.md and plots (GLUE-small, BLiMP and validation loss against
+            pretraining FLOPs) in the record folder
+  pack      (alone) the preset's data in bench/data/frontier, for a machine without ../shared
+
+Arms (one width and depth per preset; each recipe keeps its own MLP ratio and heads of 64):
+  kbert       trainer.py's defaults through trainer.train_step
+  kbert-sep   the same, every document ending in [SEP] (BERT and ModernBERT's documents do)
+  modernbert  transformers' ModernBertForMaskedLM with its published settings (bench/baselines.py)
+  bert        transformers' BertForMaskedLM with its published settings, gradient clipping at 1.0
+
+Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
+runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
+(a digest of the files that run it; the commit is recorded beside it). Rerunning the same
+command skips finished runs and continues the rest; a stored result whose key differs is
+refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again).
+Several processes may work on one record at once (a run is claimed by a lock file), e.g. one
+per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
+The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored).
+"""
+import dataclasses
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import common
+import trainer
+from bench import baselines
+from data.shards import open_shard, write_shard
+from model import CLS_ID, KBERT, MASK_ID, PAD_ID, SEP_ID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass
+class FrontierConfig:
+    preset: str = "cpu"  # cpu | gpu | smoke: the sizes in PRESETS
+    out: str = ""  # the record folder; empty: records/<date>-<preset>-frontier
+    work_dir: str = "bench/out/frontier"  # exported models and finetuning outputs (git-ignored; a record's runs point here)
+    corpus: str = "data/shards/frontier"  # shard prefix: <corpus>_train_*.bin, <corpus>_val_*.bin, built on first use
+    corpus_files: str = ("../shared/data/wikipedia_en/*.jsonl,../shared/data/fineweb_edu/sample.jsonl,"
+                         "../shared/data/prose/python_docs.jsonl,../shared/data/prose/us_presidential_speeches.jsonl")
+    val_permille: int = 10  # documents held out for validation (by a hash of their text)
+    glue_dir: str = "../shared/data"  # holds glue/<task>/{train,validation}.jsonl (finetuner's --train.data_dir)
+    blimp_file: str = "../shared/data/blimp/blimp.jsonl"
+    arms: str = ""  # comma-separated subset of the arms; empty: all
+    stages: str = "corpus,pretrain,blimp,finetune,report"
+    on_change: str = "refuse"  # a stored run made with another config, data or code: refuse | keep | redo
+    threads: int = 0  # torch threads of this process and its finetuning runs; 0: torch's default
+    device: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    """One finetuning protocol for every arm (finetuner.py options)."""
+    tasks: tuple = ("cola", "sst2", "mrpc", "stsb", "rte")
+    seeds: str = "0,1,2"
+    lr: float = 1e-4
+    epochs: float = 3.0
+    batch_size: int = 32
+    max_train_examples: int = 0  # 0: all; SST-2's 67k examples are capped by sst2_examples
+    sst2_examples: int = 20000
+    max_len: int = 128
+    pack_len: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    d_model: int
+    n_layer: int
+    seq_len: int
+    batch_seqs: int  # rows per optimizer step (the same tokens for every arm)
+    micro_seqs: int  # rows per forward/backward
+    budgets: tuple  # optimizer steps of each budget, doubling
+    evals: int  # validation points per run (and at step 0)
+    val_seqs: int  # rows of the fixed validation set
+    lrs: tuple  # the baselines' sweep at the smallest budget, extended until the best is bracketed
+    seeds: tuple  # pretraining seeds at the smallest budget
+    blimp_pairs: int  # per paradigm
+    finetune: Finetune
+    compile: bool  # torch.compile every arm's model (the same for all; compile time reported apart)
+
+
+PRESETS = {
+    # 2 CPU cores: width 128, 4 layers, 4,096 tokens a step; budgets of 2M, 4M and 8M tokens (the pilot in
+    # records/2026-12-05-cpu-frontier: every arm is far below the unigram cross-entropy by 2M tokens)
+    "cpu": Preset(d_model=128, n_layer=4, seq_len=512, batch_seqs=8, micro_seqs=8, budgets=(500, 1000, 2000), evals=10,
+                  val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100, finetune=Finetune(), compile=False),
+    # one H100 in at most 10 minutes (an estimate until measured): width 256, 6 layers, 16k tokens a step
+    "gpu": Preset(d_model=256, n_layer=6, seq_len=1024, batch_seqs=16, micro_seqs=16, budgets=(150, 300, 600), evals=6,
+                  val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
+                  finetune=Finetune(epochs=2.0, batch_size=32, sst2_examples=8000), compile=True),
+    "smoke": Preset(d_model=64, n_layer=2, seq_len=128, batch_seqs=4, micro_seqs=2, budgets=(3, 6), evals=1, val_seqs=4,
+                    lrs=(1e-3, 3e-3), seeds=(0, 1), blimp_pairs=2,
+                    finetune=Finetune(tasks=("rte", "stsb"), seeds="0,1", epochs=1.0, batch_size=8, max_train_examples=16,
+                                      max_len=64, pack_len=128), compile=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    recipe: str  # kbert | modernbert | bert
+    what: str
+    sep: bool = False  # documents end with [SEP]
+    model: tuple = ()  # KBERT ModelConfig overrides, (key, value) pairs
+    train: tuple = ()  # KBERT TrainConfig overrides
+
+
+ARMS = [
+    Arm("kbert", "kbert", "trainer.py's defaults"),
+    Arm("kbert-sep", "kbert", "trainer.py's defaults, every document ending in [SEP]", sep=True),
+    Arm("modernbert", "modernbert", "transformers' ModernBertForMaskedLM, ModernBERT's published settings"),
+    Arm("bert", "bert", "transformers' BertForMaskedLM, BERT's published settings"),
+]
+VAL_SEED, VAL_MASK_RATE = 12345, 0.15  # the fixed validation masks: 15% of the ordinary tokens, all [MASK]
+GLUE_HEADLINE = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"), "stsb": ("spearman",),
+                 "rte": ("accuracy",)}  # GLUE-small: the mean over tasks, MRPC as the mean of its F1 and accuracy
+
+# ----------------------------------------------------------------------------------------
+# Corpus: shuffled documents, split by hash, and the unigram reference
+
+
+def corpus_files(prefix: str) -> tuple[list[str], list[str]]:
+    return sorted(glob.glob(f"{prefix}_train_*.bin")), sorted(glob.glob(f"{prefix}_val_*.bin"))
+
+
+def build_corpus(cfg: FrontierConfig, shard_tokens: int = 4_000_000) -> None:
+    """<corpus>_{train,val}_*.bin from cfg.corpus_files: documents in one fixed random order (so
+    a budget's tokens sample every source, not the first articles by page id), each
+    `<|endoftext|> tokens`, a document held out when a hash of its text falls under
+    val_permille (data/tokenize_text.py's rule). Written to a temporary prefix and renamed."""
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    from tokenize_text import _encode_batch, is_val
+
+    paths = sorted(p for pat in cfg.corpus_files.split(",") if pat.strip() for p in glob.glob(pat.strip()))
+    if not paths:
+        raise SystemExit(f"--frontier.corpus_files {cfg.corpus_files!r} matches no file: the corpus is built from "
+                         "../shared's Wikipedia and prose (or give your own jsonl files with a \"text\" field)")
+    texts = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            texts += [t for t in (json.loads(line).get("text", "") for line in f if line.strip()) if t.strip()]
+    order = np.random.default_rng(0).permutation(len(texts))
+    tmp = cfg.corpus + f".tmp{os.getpid()}"
+    split = {"train": [], "val": []}
+    for lo in range(0, len(order), 512):
+        batch = [texts[i] for i in order[lo:lo + 512]]
+        for text, ids in zip(batch, _encode_batch(batch)):
+            split["val" if is_val(text, cfg.val_permille) else "train"].append(ids)
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    written = []
+    for name, docs in split.items():
+        tokens = np.concatenate(docs)
+        for k, lo in enumerate(range(0, len(tokens), shard_tokens)):
+            path = f"{tmp}_{name}_{k:06d}.bin"
+            write_shard(path, tokens[lo:lo + shard_tokens])
+            written.append(path)
+    for path in written:
+        os.replace(path, path.replace(tmp, cfg.corpus))
+    print(f"corpus {cfg.corpus}: {len(split['train'])} train / {len(split['val'])} validation documents from "
+          f"{len(paths)} files, {sum(map(len, split['train'])):,} / {sum(map(len, split['val'])):,} tokens")
+
+
+def digest(files: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def unigram_reference(train_files: list[str], val_labels: torch.Tensor) -> dict:
+    """Cross-entropy of the validation targets under the unigram distribution of the training
+    tokens (ordinary tokens only, add-one smoothing): the loss of a model that has learnt word
+    frequencies and nothing else."""
+    counts = np.zeros(CLS_ID, dtype=np.float64)
+    for f in train_files:
+        tokens = open_shard(f)
+        counts += np.bincount(tokens[tokens < CLS_ID], minlength=CLS_ID)
+    p = (counts + 1) / (counts.sum() + CLS_ID)
+    targets = val_labels[val_labels >= 0].cpu().numpy()
+    return {"unigram_loss": float(-np.log(p[targets]).mean()), "train_tokens": int(counts.sum()), "smoothing": "add-one"}
+
+
+def pack(cfg: FrontierConfig, P: Preset, dest: str = "bench/data/frontier", limit_mib: float = 40.0) -> None:
+    """The preset's data for a machine without ../shared (the GPU one): the corpus cut to what
+    the largest budget reads (plus 5%), the validation shard, the finetuning tasks' train files
+    cut as the protocol cuts them and their validation files, BLiMP's first blimp_pairs of each
+    paradigm, and GPT-2's BPE files for tiktoken; refused above limit_mib."""
+    import tokenizer
+
+    train_files, val_files = corpus_files(cfg.corpus)
+    need = int(1.05 * max(P.budgets) * P.batch_seqs * P.seq_len)
+    tokens = np.concatenate([open_shard(f) for f in train_files])[:need]
+    os.makedirs(dest, exist_ok=True)
+    write_shard(os.path.join(dest, "frontier_train_000001.bin"), tokens)
+    shutil.copyfile(val_files[0], os.path.join(dest, "frontier_val_000000.bin"))
+    for task in P.finetune.tasks:
+        os.makedirs(os.path.join(dest, "glue", task), exist_ok=True)
+        cap = P.finetune.sst2_examples if task == "sst2" else P.finetune.max_train_examples
+        with open(os.path.join(cfg.glue_dir, "glue", task, "train.jsonl")) as f:
+            rows = [line for line in f if line.strip()][: cap or None]
+        open(os.path.join(dest, "glue", task, "train.jsonl"), "w").writelines(rows)
+        shutil.copyfile(os.path.join(cfg.glue_dir, "glue", task, "validation.jsonl"),
+                        os.path.join(dest, "glue", task, "validation.jsonl"))
+    seen = {}
+    with open(cfg.blimp_file) as f, open(os.path.join(dest, "blimp.jsonl"), "w") as out:
+        for line in f:
+            uid = json.loads(line)["UID"]
+            seen[uid] = seen.get(uid, 0) + 1
+            if seen[uid] <= P.blimp_pairs:
+                out.write(line)
+    tokenizer.install_offline_bpe(os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2"),
+                                  os.path.join(os.path.dirname(dest), "tiktoken"))
+    size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(dest) for n in names) / 2**20
+    print(f"packed {dest}: {size:.1f} MiB ({len(tokens):,} training tokens)")
+    if size > limit_mib:
+        raise SystemExit(f"{dest} holds {size:.1f} MiB, above the {limit_mib:g} MiB a device run carries")
+
+
+# ----------------------------------------------------------------------------------------
+# The data every arm reads: the same packed rows in the same order
+
+
+class Stream:
+    """trainer.PackedLoader's rows, with [SEP] at the end of every document when asked (a
+    document's [SEP] follows its last token, in the row where that token lands). Digests of
+    what was read are kept, so that a record shows every arm read the same data in the same
+    order: of the rows themselves, and of the first `prefix` ordinary tokens (the same for
+    arms whose rows differ by their [SEP]s)."""
+
+    def __init__(self, files: list[str], seq_len: int, sep: bool = False, prefix: int | None = None):
+        self.loader = trainer.PackedLoader(files, seq_len, seed=0, sep_at_end=sep)
+        self.rows, self.ordinary, self.left = hashlib.sha256(), hashlib.sha256(), prefix
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, int]:
+        batch, first = self.loader.next_batch(n)
+        self.rows.update(batch.astype(np.int32).tobytes())
+        ordinary = batch[batch < CLS_ID].astype(np.int32)
+        if self.left is not None:
+            ordinary, self.left = ordinary[:self.left], max(0, self.left - len(ordinary))
+        self.ordinary.update(ordinary.tobytes())
+        return batch, first
+
+    def digest(self) -> str:
+        return self.rows.hexdigest()[:16]
+
+    def ordinary_digest(self) -> str:
+        return self.ordinary.hexdigest()[:16]
+
+
+def validation_set(val_files: list[str], P: Preset, device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The fixed validation rows and masks every arm is scored on, and their digest."""
+    hp = trainer.parse_args(["--data.seq_len", str(P.seq_len), "--train.val_tokens", str(P.val_seqs * P.seq_len)])
+    rows = trainer.validation_batch(val_files, hp)
+    ids = torch.from_numpy(rows).long().to(device)
+    inputs, labels = trainer.mask_tokens(ids, 0, VAL_SEED, VAL_MASK_RATE, 0.0, 0.0)
+    assert bool((inputs[labels >= 0] == MASK_ID).all())
+    h = hashlib.sha256(inputs.cpu().numpy().tobytes() + labels.cpu().numpy().tobytes()).hexdigest()[:16]
+    return inputs, labels, h
+
+
+# ----------------------------------------------------------------------------------------
+# One pretraining run
+
+
+def kbert_setup(arm: Arm, P: Preset, steps: int, seed: int, device, work: str, name: str):
+    """trainer.py's own config (scaled to the preset), optimizer and train_step."""
+    argv = ["--model.preset", "tiny", "--model.n_layer", str(P.n_layer), "--model.d_model", str(P.d_model),
+            "--model.n_head", str(max(1, P.d_model // 64)), "--model.d_mlp", str(P.d_model * 8 // 3 // 32 * 32),  # base's ratio
+            "--data.seq_len", str(P.seq_len), "--train.steps", str(steps), "--train.seed", str(seed),
+            "--train.batch_tokens", str(P.batch_seqs * P.seq_len), "--train.micro_batch_seqs", str(P.micro_seqs),
+            "--train.compile", "true" if P.compile else "false", "--train.export_dir", os.path.join(work, "models"),
+            "--train.run_id", name]
+    for group, pairs in (("model", arm.model), ("train", arm.train)):
+        argv += [x for k, v in pairs for x in (f"--{group}.{k}", str(v))]
+    hp = trainer.parse_args(argv)
+    model = KBERT(hp.model)
+    model.init_weights(seed=seed)
+    model.to(device)
+    opt = trainer.build_optimizer(model, hp.train)
+    compiled = trainer.use_compile(hp.train, device.type)
+    forward = trainer.make_forward(model, compile=compiled, precision=hp.train.precision)
+    dist = common.Dist(0, 0, 1, device)
+
+    def step(batch: np.ndarray, first: int, i: int) -> tuple[float, float]:
+        out = trainer.train_step(model, opt, forward, batch, first, i, hp.train, dist, static_rows=compiled)
+        return out["loss"], trainer.step_flops(hp.model, batch, out["n_predicted"], out["windows"])
+
+    @torch.no_grad()
+    def masked_loss(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        model.eval()
+        loss, _, n = forward(inputs, labels, model.default_windows(device), "sum")
+        model.train()
+        return loss.item(), n
+
+    def export(val_loss: float, tokens: int) -> str:
+        return trainer.export(model, hp, tokens, {"loss": val_loss, "acc": float("nan")}, name, lambda msg: None)
+
+    return model, step, masked_loss, export, {"config": common.config_to_dict(hp)}
+
+
+def baseline_setup(arm: Arm, P: Preset, steps: int, lr: float, seed: int, device, work: str, name: str):
+    """transformers' model with its published settings (bench/baselines.py), random init."""
+    recipe = arm.recipe
+    model = baselines.build(recipe, P.d_model, P.n_layer, P.seq_len, seed=seed).to(device)
+    model.train()
+    opt = baselines.optimizer(model, recipe, lr)
+    R = baselines.RECIPES[recipe]
+    bf16 = trainer.compute_dtype("auto", device.type) == torch.bfloat16
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    fn = torch.compile(baselines.mlm_loss_sum, dynamic=True) if P.compile else baselines.mlm_loss_sum
+
+    def step(batch: np.ndarray, first: int, i: int) -> tuple[float, float]:
+        for g in opt.param_groups:
+            g["lr"] = lr * baselines.lr_at(recipe, i, steps)
+        ids = torch.from_numpy(batch).long().to(device)
+        inputs, labels = trainer.mask_tokens(ids, first, seed, *R["mask"])
+        n_total = max(1, int((labels >= 0).sum()))
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for lo in range(0, len(batch), P.micro_seqs):  # the loss per predicted token of the whole batch
+            with amp:
+                s, n = fn(model, recipe, inputs[lo:lo + P.micro_seqs], labels[lo:lo + P.micro_seqs])
+            if n:
+                (s / n_total).backward()
+                loss_sum += s.item()
+        if R["clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), R["clip"])
+        opt.step()
+        return loss_sum / n_total, baselines.step_flops(model, recipe, batch, n_total)
+
+    @torch.no_grad()
+    def masked_loss(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        model.eval()
+        with amp:
+            s, n = baselines.mlm_loss_sum(model, recipe, inputs, labels)
+        model.train()
+        return s.float().item(), n
+
+    def export(val_loss: float, tokens: int) -> str:
+        import tokenizer
+
+        folder = os.path.join(work, "models", name)
+        model.save_pretrained(folder)
+        tokenizer.save_hf_tokenizer(folder, P.seq_len)
+        return folder
+
+    return model, step, masked_loss, export, {"lr": lr, "recipe_settings": {k: list(v) if isinstance(v, tuple) else v
+                                                                              for k, v in R.items()}}
+
+
+def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device, log_dir: str) -> dict:
+    """Train one arm on the shared stream for one budget, scoring the fixed validation set
+    `evals` times along the way; export the model. Wall and CPU seconds count the training
+    steps only; a compiled model's first step (its compile) is counted apart."""
+    arm, steps, seed, lr, name = ARM_BY_NAME[job["arm"]], job["steps"], job["seed"], job.get("lr"), job["name"]
+    work = os.path.abspath(cfg.work_dir)
+    torch.manual_seed(seed)
+    setup = (kbert_setup(arm, P, steps, seed, device, work, name) if arm.recipe == "kbert"
+             else baseline_setup(arm, P, steps, lr, seed, device, work, name))
+    model, step, masked_loss, export, extra = setup
+    params = sum(p.numel() for p in model.parameters())
+    # the ordinary tokens' digest covers half the smallest budget: every arm reads at least that many
+    stream = Stream(files["train"], P.seq_len, sep=arm.sep, prefix=P.budgets[0] * P.batch_seqs * P.seq_len // 2)
+    val_inputs, val_labels, _ = val
+    val_hash = hashlib.sha256()  # of the validation rows and masks as this run scored them
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{name.replace('/', '_')}.txt")
+    log = open(log_path, "w")
+
+    def note(msg):
+        print(f"[{name}] {msg}", flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    note(json.dumps({"job": job, "params": params, "preset": dataclasses.asdict(P), **extra}, default=str))
+
+    def evaluate() -> float:
+        total, count = 0.0, 0
+        for lo in range(0, len(val_inputs), P.micro_seqs):
+            inputs, labels = val_inputs[lo:lo + P.micro_seqs], val_labels[lo:lo + P.micro_seqs]
+            if not curve:
+                val_hash.update(inputs.cpu().numpy().tobytes() + labels.cpu().numpy().tobytes())
+            s, n = masked_loss(inputs, labels)
+            total, count = total + s, count + n
+        return total / count
+
+    every = max(1, steps // P.evals)
+    curve, tokens, wall, cpu, flops, compile_s = [], 0, 0.0, 0.0, 0.0, 0.0
+    for i in range(steps + 1):
+        if i % every == 0 or i == steps:
+            v = evaluate()
+            curve.append({"step": i, "tokens": tokens, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "flops": flops,
+                          "val_loss": v})
+            note(f"step:{i}/{steps} val_loss:{v:.4f} tokens:{tokens} train_time:{wall:.1f}s load:{os.getloadavg()[0]:.2f}")
+            if not math.isfinite(v):
+                note("stopping: the validation loss is not finite")
+                break
+        if i == steps:
+            break
+        batch, first = stream.next_batch(P.batch_seqs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss, step_flops = step(batch, first, i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if i == 0 and P.compile:
+            compile_s = dt  # the first step holds the compile: counted apart, for every arm alike
+        else:
+            wall, cpu = wall + dt, cpu + dc
+        tokens += int((batch != PAD_ID).sum())
+        flops += step_flops
+        if (i + 1) % max(1, steps // 20) == 0:
+            note(f"step:{i + 1}/{steps} loss:{loss:.4f} train_time:{wall:.1f}s")
+    folder = export(curve[-1]["val_loss"], tokens) if math.isfinite(curve[-1]["val_loss"]) else None
+    note(f"exported {folder}")
+    log.close()
+    return {"params": params, "curve": curve, "final_val_loss": curve[-1]["val_loss"], "tokens": tokens, "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3), "compile_s": round(compile_s, 3), "flops": flops, "model": folder,
+            "data_digest": stream.digest(), "ordinary_digest": stream.ordinary_digest(), "val_digest": val_hash.hexdigest()[:16],
+            "log": os.path.relpath(log_path, cfg.out),
+            "threads": torch.get_num_threads(), **{k: v for k, v in extra.items() if k != "config"}}
+
+
+ARM_BY_NAME = {a.name: a for a in ARMS}
+
+# ----------------------------------------------------------------------------------------
+# BLiMP and finetuning: finetuner.py, the same command for every arm
+
+
+def run_finetuner(args: list[str], log_path: str) -> dict:
+    """finetuner.main(args) in this process (the same command for every arm; `python
+    finetuner.py ARGS` runs it alone), its run log copied to log_path; returns its metrics."""
+    import finetuner
+
+    try:
+        metrics = finetuner.main(args)
+    except SystemExit as e:
+        raise RuntimeError(f"finetuner.py {' '.join(args)}: {e}") from None
+    run_id = args[args.index("--train.run_id") + 1]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    shutil.copyfile(os.path.join("logs", f"{run_id}.txt"), log_path)
+    return metrics
+
+
+def blimp(job: dict, P: Preset, cfg: FrontierConfig, model_dir: str, log_dir: str) -> dict:
+    run_id = job["name"].replace("/", "_")
+    args = ["--task", "blimp", "--train.base_model", model_dir, "--train.eval_files", os.path.abspath(cfg.blimp_file),
+            "--train.blimp_pairs", str(P.blimp_pairs), "--train.run_id", run_id, "--train.overwrite", "true",
+            "--train.out_dir", os.path.join(cfg.work_dir, "blimp")]
+    m = run_finetuner(args, os.path.join(log_dir, f"{run_id}.txt"))
+    return {"accuracy": m["accuracy"], "fields": m.get("fields"), "paradigms": m.get("paradigms"),
+            "pairs_per_paradigm": P.blimp_pairs, "log": os.path.relpath(os.path.join(log_dir, f"{run_id}.txt"), cfg.out)}
+
+
+def finetune(job: dict, P: Preset, cfg: FrontierConfig, model_dir: str, log_dir: str) -> dict:
+    F = P.finetune
+    task, run_id = job["task"], job["name"].replace("/", "_")
+    examples = F.sst2_examples if task == "sst2" else F.max_train_examples
+    args = ["--task", task, "--train.base_model", model_dir, "--train.data_dir", os.path.abspath(cfg.glue_dir),
+            "--train.seeds", F.seeds, "--train.lr", str(F.lr), "--train.epochs", str(F.epochs),
+            "--train.batch_size", str(F.batch_size), "--train.max_train_examples", str(examples),
+            "--train.max_len", str(F.max_len), "--train.pack_len", str(F.pack_len), "--train.run_id", run_id,
+            "--train.resume", "auto", "--train.out_dir", os.path.join(cfg.work_dir, "finetune")]
+    m = run_finetuner(args, os.path.join(log_dir, f"{run_id}.txt"))
+    per_seed = {}
+    for r in m["seeds"]:
+        scores = r["validation"]
+        per_seed[str(r["seed"])] = {k: scores[k] for k in GLUE_HEADLINE[task]}
+    return {"task": task, "per_seed": per_seed, "summary": m["summary"],
+            "log": os.path.relpath(os.path.join(log_dir, f"{run_id}.txt"), cfg.out)}
+
+
+# ----------------------------------------------------------------------------------------
+# The plan: which runs, in what order, from what results
+
+
+def job_name(arm: str, steps: int, seed: int, lr: float | None) -> str:
+    return f"pt/{arm}/s{steps}/seed{seed}" + (f"/lr{lr:g}" if lr is not None else "")
+
+
+def best_lr(store, arm: Arm, P: Preset, seed: int) -> tuple[float | None, list]:
+    """The sweep at the smallest budget: P.lrs, extended by a factor of 3 past whichever end
+    holds the best (lowest final validation loss), up to twice each way, so the best is
+    bracketed. Returns (best lr or None while runs are missing, the lrs to run)."""
+    lrs = sorted(P.lrs)
+    for _ in range(4):
+        results = {lr: store.result(job_name(arm.name, P.budgets[0], seed, lr)) for lr in lrs}
+        if any(r is None for r in results.values()):
+            return None, lrs
+        loss = {lr: r["final_val_loss"] if math.isfinite(r["final_val_loss"]) else math.inf for lr, r in results.items()}
+        best = min(loss, key=loss.get)
+        if best == lrs[0] and lrs[0] / P.lrs[0] > 1 / 9.1:
+            lrs = [lrs[0] / 3] + lrs
+        elif best == lrs[-1] and lrs[-1] / P.lrs[-1] < 9.1:
+            lrs = lrs + [lrs[-1] * 3]
+        else:
+            return best, lrs
+    return best, lrs
+
+
+def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
+    """Every run the record needs that its inputs allow today, in order: pretraining (sweep
+    first), then BLiMP and finetuning of the reported models. A job: {"name", "kind", ...,
+    "after": names it needs}."""
+    jobs, reported = [], []  # reported: (arm, steps, seed, pretraining job name)
+    b0 = P.budgets[0]
+    for arm in arms:
+        if arm.recipe == "kbert":
+            for steps, seed in [(b, P.seeds[0]) for b in P.budgets] + [(b0, s) for s in P.seeds[1:]]:
+                name = job_name(arm.name, steps, seed, None)
+                jobs.append({"name": name, "kind": "pretrain", "arm": arm.name, "steps": steps, "seed": seed, "after": []})
+                reported.append((arm.name, steps, seed, name))
+            continue
+        best, lrs = best_lr(store, arm, P, P.seeds[0])
+        for lr in lrs:
+            jobs.append({"name": job_name(arm.name, b0, P.seeds[0], lr), "kind": "pretrain", "arm": arm.name, "steps": b0,
+                         "seed": P.seeds[0], "lr": lr, "after": []})
+        if best is None:
+            continue  # the rest of this arm waits for its sweep
+        reported.append((arm.name, b0, P.seeds[0], job_name(arm.name, b0, P.seeds[0], best)))
+        for steps, seed in [(b, P.seeds[0]) for b in P.budgets[1:]] + [(b0, s) for s in P.seeds[1:]]:
+            name = job_name(arm.name, steps, seed, best)
+            jobs.append({"name": name, "kind": "pretrain", "arm": arm.name, "steps": steps, "seed": seed, "lr": best,
+                         "after": []})
+            reported.append((arm.name, steps, seed, name))
+    stages = set(cfg.stages.split(","))
+    for arm, steps, seed, pt in reported:
+        if "blimp" in stages:
+            jobs.append({"name": f"blimp/{pt[3:]}", "kind": "blimp", "pretrained": pt, "after": [pt]})
+        if "finetune" in stages:
+            for task in P.finetune.tasks:
+                jobs.append({"name": f"ft/{task}/{pt[3:]}", "kind": "finetune", "task": task, "pretrained": pt, "after": [pt]})
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------
+# Stored results: keyed by config, data and code; claimed by lock files
+
+
+# the files a run's result depends on, by kind: the key holds their digest (the commit is recorded beside it)
+CODE_FILES = {"pretrain": ("model.py", "optimizer.py", "trainer.py", "common.py", "data/shards.py", "bench/baselines.py",
+                           "bench/frontier.py"),
+              "eval": ("model.py", "finetuner.py", "evals.py", "tokenizer.py", "hf_kbert.py", "common.py", "trainer.py",
+                       "optimizer.py")}
+
+
+def code_digest(kind: str) -> str:
+    h = hashlib.sha256()
+    for name in CODE_FILES["pretrain" if kind == "pretrain" else "eval"]:
+        path = os.path.join(ROOT, name)
+        if os.path.isfile(path):
+            h.update(name.encode() + open(path, "rb").read())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    files = sorted({f for names in CODE_FILES.values() for f in names})
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True, cwd=ROOT).stdout
+    return out + ("+uncommitted" if dirty.strip() else "")
+
+
+class Store:
+    """runs/<job>.json in the record folder: {"key", "result", "commit", "finished"}; a job is
+    claimed by runs/<job>.lock (its pid), so that several processes can share a record."""
+
+    def __init__(self, folder: str, key: dict, on_change: str):
+        self.folder, self.key, self.on_change = os.path.join(folder, "runs"), key, on_change
+        os.makedirs(self.folder, exist_ok=True)
+
+    def path(self, name: str, ext: str = ".json") -> str:
+        return os.path.join(self.folder, name.replace("/", "__") + ext)
+
+    def job_key(self, job: dict) -> dict:
+        """The key a job's result is stored under, as JSON reads it back (tuples become lists): the
+        record's config and data, the code its kind runs, the job itself."""
+        kind = "pretrain" if job["kind"] == "pretrain" else "eval"
+        key = {**self.key, "config": self.key["config"][kind], "code": self.key["code"][kind]}
+        return json.loads(json.dumps({**key, "job": {k: v for k, v in job.items() if k not in ("after",)}}))
+
+    def load(self, name: str) -> dict | None:
+        p = self.path(name)
+        return json.load(open(p)) if os.path.isfile(p) else None
+
+    def status(self, job: dict) -> str:
+        """'done', 'todo', or 'redo' (stored under another key and on_change redo). A stored
+        result under another key with on_change refuse stops the program."""
+        stored = self.load(job["name"])
+        if stored is None:
+            return "todo"
+        if stored["key"] == self.job_key(job):
+            return "done"
+        differ = [k for k in ("config", "data", "code", "job") if stored["key"].get(k) != self.job_key(job).get(k)]
+        if self.on_change == "keep":
+            return "done"
+        if self.on_change == "redo":
+            return "redo"
+        raise SystemExit(f"{self.path(job['name'])} was made with another {', '.join(differ)} (stored at commit "
+                         f"{stored.get('commit')}): rerun with --frontier.on_change keep to use it as it is (its key is "
+                         "recorded), --frontier.on_change redo to run it again, or give another --frontier.out")
+
+    def result(self, name: str) -> dict | None:
+        """A finished run's result, if it counts under this key (or --frontier.on_change keep)."""
+        stored = self.load(name)
+        if stored is None or self.status({**stored["key"]["job"], "name": name}) != "done":
+            return None
+        return stored["result"]
+
+    def claim(self, name: str) -> bool:
+        lock = self.path(name, ".lock")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(lock).read() or 0)
+                os.kill(pid, 0)
+                return False  # a live process works on it
+            except (ValueError, ProcessLookupError, PermissionError):
+                os.remove(lock)  # left by a process that died
+                return self.claim(name)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+    def release(self, name: str):
+        try:
+            os.remove(self.path(name, ".lock"))
+        except FileNotFoundError:
+            pass
+
+    def locked(self, name: str) -> bool:
+        return os.path.isfile(self.path(name, ".lock"))
+
+    def save(self, job: dict, result: dict):
+        tmp = self.path(job["name"]) + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"key": self.job_key(job), "commit": git_commit(), "finished": datetime.datetime.now().isoformat(
+                timespec="seconds"), "result": result}, f, indent=1, default=str)
+        os.replace(tmp, self.path(job["name"]))
+
+
+# ----------------------------------------------------------------------------------------
+# Report: one entry per arm and budget, tables, plots
+
+
+def glue_small(ft: dict) -> dict | None:
+    """Per finetuning seed: the mean over tasks of each task's headline (MRPC: mean of F1 and
+    accuracy); then median, min and max over seeds. None until every task is in."""
+    seeds = sorted(set.intersection(*(set(r["per_seed"]) for r in ft.values()))) if ft else []
+    if not seeds:
+        return None
+    per_seed = {s: float(np.mean([np.mean([r["per_seed"][s][m] for m in GLUE_HEADLINE[t]]) for t, r in ft.items()]))
+                for s in seeds}
+    vals = list(per_seed.values())
+    return {"per_seed": per_seed, "median": float(np.median(vals)), "min": min(vals), "max": max(vals)}
+
+
+def crossing(curve: list[dict], target: float, key: str) -> float | None:
+    """The first `key` (tokens or wall_s) at which the validation loss reaches `target`,
+    linearly interpolated between evaluations; None if it never does."""
+    if curve and curve[0]["val_loss"] <= target:
+        return curve[0][key]
+    for a, b in zip(curve, curve[1:]):
+        if b["val_loss"] <= target:
+            frac = (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
+            return a[key] + frac * (b[key] - a[key])
+    return None
+
+
+def summarize(store: Store, jobs_all: list[dict], P: Preset, arms: list[Arm], unigram: dict) -> list[dict]:
+    entries = []
+    for arm in arms:
+        for steps in P.budgets:
+            for seed in P.seeds:
+                if seed != P.seeds[0] and steps != P.budgets[0]:
+                    continue
+                if arm.recipe == "kbert":
+                    lr, sweep = None, []
+                else:
+                    lr, lrs = best_lr(store, arm, P, P.seeds[0])
+                    if lr is None:
+                        continue
+                    sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
+                                                          {}).get("final_val_loss")} for x in lrs]
+                name = job_name(arm.name, steps, seed, lr)
+                pt = store.result(name)
+                if pt is None:
+                    continue
+                ft = {t: r for t in P.finetune.tasks if (r := store.result(f"ft/{t}/{name[3:]}")) is not None}
+                bl = store.result(f"blimp/{name[3:]}")
+                entries.append({
+                    "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed, "lr": lr,
+                    "params": pt["params"], "tokens": pt["tokens"], "flops": pt["flops"], "wall_s": pt["wall_s"],
+                    "cpu_s": pt["cpu_s"], "compile_s": pt.get("compile_s", 0.0), "final_val_loss": pt["final_val_loss"],
+                    "unigram_loss": unigram["unigram_loss"],
+                    "past_unigram": pt["final_val_loss"] <= unigram["unigram_loss"] - 0.5,
+                    "tasks": {t: r["per_seed"] for t, r in ft.items()}, "glue_small": glue_small(ft) if len(ft) == len(
+                        P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
+                    "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
+                    "log": pt["log"], "threads": pt.get("threads")})
+    # per budget: where KBERT's curve reaches the best baseline's final loss
+    for steps in P.budgets:
+        at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == P.seeds[0]]
+        base = [e for e in at if e["recipe"] != "kbert" and math.isfinite(e["final_val_loss"])]
+        if not base:
+            continue
+        best = min(base, key=lambda e: e["final_val_loss"])
+        for e in at:
+            e["best_baseline"] = {"arm": best["arm"], "final_val_loss": best["final_val_loss"], "tokens": best["tokens"],
+                                  "wall_s": best["wall_s"]}
+            tok, wall = crossing(e["curve"], best["final_val_loss"], "tokens"), crossing(e["curve"], best["final_val_loss"], "wall_s")
+            e["tokens_to_best_baseline"] = tok
+            e["wall_s_to_best_baseline"] = wall
+            e["token_ratio"] = tok / best["tokens"] if tok is not None else None
+            e["wall_ratio"] = wall / best["wall_s"] if wall is not None and best["wall_s"] else None
+    return entries
+
+
+def fmt(x, spec, none="-"):
+    return none if x is None else format(x, spec)
+
+
+def table(entries: list[dict]) -> str:
+    tasks = sorted({t for e in entries for t in e["tasks"]}, key=list(GLUE_HEADLINE).index)
+    head = ["arm", "budget (tokens)", "seed", "lr", "FLOPs", "wall s", "final val loss", "x best baseline tokens / wall",
+            "GLUE-small median [min, max]", "BLiMP %"] + [f"{t} (median)" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"])):
+        g = e["glue_small"]
+        task_cells = []
+        for t in tasks:
+            per = e["tasks"].get(t)
+            task_cells.append(fmt(float(np.median([np.mean([v for v in s.values()]) for s in per.values()])) if per else None,
+                                  ".1f"))
+        lines.append("| " + " | ".join([
+            e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
+            f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
+            f"{fmt(e.get('token_ratio'), '.2f', 'never')} / {fmt(e.get('wall_ratio'), '.2f', 'never')}",
+            f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else "-",
+            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *task_cells]) + " |")
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("glue_small", "GLUE-small (median of finetuning seeds)"), ("blimp", "BLiMP accuracy %"),
+               ("final_val_loss", "validation loss (fixed masks)")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for ax, (key, label) in zip(axes, metrics):
+        for arm in dict.fromkeys(e["arm"] for e in entries):
+            pts = sorted([e for e in entries if e["arm"] == arm], key=lambda e: e["flops"])
+            xs, ys, lo, hi = [], [], [], []
+            for steps in sorted({e["budget_steps"] for e in pts}):
+                group = [e for e in pts if e["budget_steps"] == steps]
+
+                def val(e):
+                    v = e[key]
+                    if key == "glue_small":
+                        return v["median"] if v else None
+                    return 100 * v if key == "blimp" and v is not None else v
+
+                vals = [val(e) for e in group if val(e) is not None]
+                if key == "glue_small":  # the bars: finetuning seeds' range (and pretraining seeds' where there are two)
+                    vals += [x for e in group if e["glue_small"] for x in (e["glue_small"]["min"], e["glue_small"]["max"])]
+                if not vals:
+                    continue
+                main = val(group[0]) if val(group[0]) is not None else float(np.median(vals))
+                xs.append(np.mean([e["flops"] for e in group]))
+                ys.append(main)
+                lo.append(main - min(vals))
+                hi.append(max(vals) - main)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, lw=2.5 if arm == "kbert" else 1.5, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("pretraining FLOPs")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.suptitle("bars: range over seeds (finetuning seeds; at the smallest budget also the second pretraining seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: FrontierConfig, header: dict, unigram: dict):
+    entries = summarize(store, jobs, P, arms, unigram)
+    done = {j["name"] for j in jobs if store.load(j["name"]) is not None}
+    out = {**header, "unigram": unigram, "runs_done": len(done), "runs_planned": len(jobs),
+           "entries": [{k: v for k, v in e.items() if k != "curve"} | {"curve": e["curve"]} for e in entries]}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    md = (f"`{header['command']}`, code {header['code']['pretrain']} (pretraining) / {header['code']['eval']} (evaluation), "
+          f"commit {header['commit']}, {header['device']}, torch "
+          f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
+          f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
+          f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
+          f"finished.\n\n{table(entries)}\n")
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    try:
+        plot(entries, os.path.join(cfg.out, "frontier.png"))
+    except ImportError:
+        print("matplotlib is not installed: no frontier.png (pip install matplotlib)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides, _ = common.parse_overrides(argv, {"frontier": FrontierConfig}, usage=__doc__.split("Stages,")[0].rstrip())
+    cfg = FrontierConfig(**overrides["frontier"])
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"--frontier.preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    if cfg.on_change not in ("refuse", "keep", "redo"):
+        raise SystemExit(f"--frontier.on_change must be refuse, keep or redo, got {cfg.on_change!r}")
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - {"corpus", "pack", "pretrain", "blimp", "finetune", "report"})
+    if unknown:
+        raise SystemExit(f"--frontier.stages: unknown {unknown}; choose from corpus, pack, pretrain, blimp, finetune, report")
+    P = PRESETS[cfg.preset]
+    arms = ARMS
+    if cfg.arms:
+        wanted = [a.strip() for a in cfg.arms.split(",") if a.strip()]
+        unknown = sorted(set(wanted) - set(ARM_BY_NAME))
+        if unknown:
+            raise SystemExit(f"--frontier.arms: unknown {unknown}; choose from {', '.join(ARM_BY_NAME)}")
+        arms = [ARM_BY_NAME[a] for a in wanted]
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("the baselines need transformers: pip install -r requirements.txt") from None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
+    cfg.out = cfg.out or os.path.join("records", f"{datetime.date.today().isoformat()}-{cfg.preset}-frontier")
+    os.makedirs(cfg.out, exist_ok=True)
+
+    train_files, val_files = corpus_files(cfg.corpus)
+    if not train_files or not val_files:
+        if "corpus" not in stages:
+            raise SystemExit(f"no corpus at {cfg.corpus}_{{train,val}}_*.bin: add the corpus stage (--frontier.stages)")
+        build_corpus(cfg)
+        train_files, val_files = corpus_files(cfg.corpus)
+    files = {"train": train_files, "val": val_files}
+    if "pack" in stages:
+        return pack(cfg, P)
+    val = validation_set(val_files, P, device)
+    unigram = unigram_reference(train_files, val[1])
+    preset = dataclasses.asdict(P)
+    evaluation = {"finetune": preset.pop("finetune"), "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir,
+                  "blimp_file": cfg.blimp_file}
+    key = {"config": {"pretrain": preset, "eval": evaluation},
+           "data": digest(train_files + val_files), "code": {"pretrain": code_digest("pretrain"), "eval": code_digest("eval")}}
+    store = Store(cfg.out, key, cfg.on_change)
+    header = {"command": "python -m bench.frontier " + " ".join(argv), "commit": git_commit(), "code": key["code"],
+              "data": key["data"], "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "preset": dataclasses.asdict(P), "config": dataclasses.asdict(cfg),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu: {common.hardware_summary(device)}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "val": {"rows": len(val[0]), "masked_tokens": int((val[1] >= 0).sum()), "digest": val[2]}}
+    print(json.dumps({k: header[k] for k in ("command", "commit", "code", "data", "device")}, indent=1), flush=True)
+
+    log_dir = os.path.join(cfg.out, "logs")
+    failed = set()  # runs that raised in this process: reported, left for the next invocation
+    while True:
+        jobs = [j for j in plan(cfg, P, arms, store) if j["kind"] in stages]
+        pending = [j for j in jobs if store.status(j) != "done" and j["name"] not in failed]
+        ready = [j for j in pending if all(store.result(a) is not None for a in j["after"]) and not store.locked(j["name"])]
+        if not ready:
+            if any(store.locked(n) for j in pending for n in [j["name"], *j["after"]]):
+                print(f"waiting for runs that other processes hold ({len(pending)} to go)", flush=True)
+                time.sleep(30)
+                continue
+            break
+        job = ready[0]
+        if not store.claim(job["name"]):
+            continue
+        try:
+            t0 = time.perf_counter()
+            print(f"== {job['name']} ({len(pending)} runs to go)", flush=True)
+            if job["kind"] == "pretrain":
+                result = pretrain(job, P, cfg, files, val, device, log_dir)
+            else:
+                model_dir = store.result(job["pretrained"])["model"]
+                if job["kind"] == "blimp":
+                    result = blimp(job, P, cfg, model_dir, os.path.join(log_dir, "blimp"))
+                else:
+                    result = finetune(job, P, cfg, model_dir, os.path.join(log_dir, "finetune"))
+            result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            store.save(job, result)
+        except (RuntimeError, ValueError, OSError) as e:  # one failed run must not stop an unattended record
+            failed.add(job["name"])
+            print(f"!! {job['name']} failed: {type(e).__name__}: {e}", flush=True)
+            with open(store.path(job["name"], ".failed"), "w") as f:
+                f.write(f"{type(e).__name__}: {e}\n")
+        finally:
+            store.release(job["name"])
+    if failed:
+        print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
+    jobs = plan(cfg, P, arms, store)
+    return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
+
+
+if __name__ == "__main__":
+    main()

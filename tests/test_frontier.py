@@ -1,0 +1,186 @@
+"""bench/frontier.py and bench/baselines.py: the comparison is fair (each baseline keeps its
+documents apart, every arm reads the same rows in the same order and is scored on the same
+validation masks), the smoke preset runs its stages and stores what it needs to resume, and
+the summary's pieces against hand-made values."""
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bench import baselines as B
+from bench import frontier as F
+from data.shards import write_shard
+from model import CLS_ID, PAD_ID, SEP_ID
+
+pytest.importorskip("transformers", reason="the baselines come from transformers (requirements.txt)")
+
+
+def test_crossing_interpolates_the_first_time_a_curve_reaches_the_target():
+    curve = [{"tokens": 0, "wall_s": 0, "val_loss": 10.0}, {"tokens": 100, "wall_s": 2, "val_loss": 6.0},
+             {"tokens": 200, "wall_s": 4, "val_loss": 4.0}, {"tokens": 300, "wall_s": 6, "val_loss": 5.0}]
+    assert F.crossing(curve, 5.0, "tokens") == 150 and F.crossing(curve, 5.0, "wall_s") == 3
+    assert F.crossing(curve, 6.0, "tokens") == 100 and F.crossing(curve, 3.9, "tokens") is None
+
+
+def test_the_sweep_grows_until_its_best_learning_rate_is_bracketed():
+    """best_lr on stored losses that fall as the lr grows up to 0.01, then rise: the sweep
+    (3e-4, 1e-3, 3e-3) asks for 9e-3, then 2.7e-2, and stops once 9e-3 is bracketed."""
+    P = F.PRESETS["cpu"]
+    arm = F.ARM_BY_NAME["modernbert"]
+
+    class Store:
+        def result(self, name):
+            lr = float(name.rsplit("/lr", 1)[1])
+            return {"final_val_loss": (np.log10(lr) + 2) ** 2} if lr < 0.05 else None
+
+    best, lrs = F.best_lr(Store(), arm, P, 0)
+    assert best == pytest.approx(9e-3) and lrs == pytest.approx([3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2])
+
+    class Missing(Store):
+        def result(self, name):
+            return None if name.endswith("lr0.003") else super().result(name)
+
+    assert F.best_lr(Missing(), arm, P, 0) == (None, [3e-4, 1e-3, 3e-3])
+
+
+def test_document_masks_keep_documents_apart_and_restart_positions():
+    ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, 8, 9, PAD_ID]])
+    mask, pos = B.document_masks(ids)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    assert mask[0, 0, 1].tolist() == [True, True, True, False, False, False, False, False]
+    assert mask[0, 0, 7].tolist() == [False] * 7 + [True]  # [PAD] only sees [PAD]
+    local, _ = B.document_masks(ids, local=1)
+    assert local[0, 0, 4].tolist() == [False, False, False, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("recipe", ["modernbert", "bert"])
+def test_a_packed_document_gives_the_outputs_it_gives_alone(recipe):
+    """Each baseline on a row of three documents (the middle one longer than ModernBERT's
+    sliding window): the middle document's hidden states equal those of the document alone,
+    and differ once the document masks are dropped (what the comparison must never do)."""
+    torch.manual_seed(0)
+    model = B.build(recipe, 64, 3, 512).eval()
+    g = torch.Generator().manual_seed(1)
+    doc = torch.cat([torch.tensor([CLS_ID]), torch.randint(0, 50000, (199,), generator=g)])
+    row = torch.cat([torch.tensor([CLS_ID]), torch.randint(0, 50000, (56,), generator=g), doc,
+                     torch.tensor([CLS_ID]), torch.randint(0, 50000, (80,), generator=g)])[None]
+    with torch.no_grad():
+        packed = B.hidden_states(model, recipe, row)[0, 57:257]
+        alone = B.hidden_states(model, recipe, doc[None])[0]
+        leaky = B.hidden_states(model, recipe, row, doc_masks=False)[0, 57:257]
+        # the training loss the frontier uses, on labels inside the middle document only
+        labels_row, labels_doc = torch.full_like(row, -100), torch.full_like(doc[None], -100)
+        labels_row[0, 60:250:7] = row[0, 60:250:7]
+        labels_doc[0, 3:193:7] = doc[3:193:7]
+        loss_packed, n = B.mlm_loss_sum(model, recipe, row, labels_row)
+        loss_alone, m = B.mlm_loss_sum(model, recipe, doc[None], labels_doc)
+        loss_leaky, _ = B.mlm_loss_sum(model, recipe, row, labels_row, doc_masks=False)
+    err = (packed - alone).abs().max().item()
+    print(f"{recipe}: packed vs alone max abs diff {err:.2e}; without document masks {(leaky - alone).abs().max():.2e}; "
+          f"loss {loss_packed.item():.6f} vs {loss_alone.item():.6f}")
+    assert err < 1e-4 and n == m and abs(loss_packed.item() - loss_alone.item()) < 5e-5
+    assert abs(loss_leaky.item() - loss_alone.item()) > 5e-4
+    assert (leaky - alone).abs().max() > 1e-3 > 100 * err  # at init attention moves the outputs little, but clearly
+
+
+def test_sep_at_end_puts_one_sep_after_every_document():
+    """trainer.PackedLoader with sep_at_end: each document's tokens, then [SEP], across row
+    boundaries (a [SEP] that lands in the next row opens it behind a [CLS]); the ordinary
+    tokens come in the same order as without."""
+    import trainer
+
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[CLS_ID], rng.integers(0, 50000, n)]) for n in (5, 30, 11, 62, 3, 40)]
+    tmp = pytest.importorskip("tempfile").mkdtemp()
+    path = f"{tmp}/s_000000.bin"
+    write_shard(path, np.concatenate(docs))
+    plain = trainer.PackedLoader([path], 16, shuffle=False, loop=False)
+    sep = trainer.PackedLoader([path], 16, shuffle=False, loop=False, sep_at_end=True)
+    rows = {k: [] for k in ("plain", "sep")}
+    for name, loader in (("plain", plain), ("sep", sep)):
+        while not loader.exhausted:
+            rows[name].append(loader.next_sequence())
+    flat = {k: np.concatenate(v) for k, v in rows.items()}
+    ordinary = {k: v[v < CLS_ID] for k, v in flat.items()}
+    assert np.array_equal(ordinary["plain"], ordinary["sep"])
+    assert (flat["sep"] == SEP_ID).sum() == len(docs) and (flat["plain"] == SEP_ID).sum() == 0
+    # every [SEP] follows its document's last token (or opens a row behind a [CLS])
+    stream = [t for t in flat["sep"] if t != PAD_ID]
+    ends = [i for i, t in enumerate(stream) if t == SEP_ID]
+    for i in ends:
+        assert stream[i - 1] < CLS_ID or (stream[i - 1] == CLS_ID and i % 16 == 1)
+    shutil.rmtree(tmp)
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    """A toy corpus (jsonl documents, built by the corpus stage) and the smoke preset's paths."""
+    rng = np.random.default_rng(0)
+    words = "the a cat dog runs sleeps over under big small red blue and or it was is".split()
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(160):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(20, 120))))}) + "\n")
+    return ["--frontier.preset", "smoke", "--frontier.corpus", str(tmp_path / "corpus" / "toy"),
+            "--frontier.corpus_files", str(tmp_path / "docs.jsonl"), "--frontier.val_permille", "200",
+            "--frontier.work_dir", str(tmp_path / "work"), "--frontier.out", str(tmp_path / "record"),
+            "--frontier.stages", "corpus,pretrain,report"]
+
+
+def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monkeypatch):
+    report = F.main(smoke)
+    P = F.PRESETS["smoke"]
+    entries = report["entries"]
+    runs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "record" / "runs").glob("pt__*.json")}
+    pretrain = [r["result"] for r in runs.values()]
+    # every arm, every budget, a second seed at the smallest; the baselines' sweeps bracket their best
+    assert {(e["arm"], e["budget_steps"], e["seed"]) for e in entries} == {
+        (a.name, b, s) for a in F.ARMS for b, s in [(b, 0) for b in P.budgets] + [(P.budgets[0], 1)]}
+    for e in entries:
+        if e["recipe"] != "kbert":  # bracketed, or the sweep went as far as it may (3 steps: the largest lr wins)
+            lrs = [s["lr"] for s in e["sweep"]]
+            assert len(lrs) >= 3 and (min(lrs) < e["lr"] < max(lrs) or e["lr"] > 20 * max(P.lrs)), (e["arm"], lrs)
+        assert np.isfinite(e["final_val_loss"]) and e["flops"] > 0 and e["tokens"] == e["budget_steps"] * P.batch_seqs * P.seq_len
+        assert e["unigram_loss"] == report["unigram"]["unigram_loss"] > 0
+    # the same validation rows and masks for every run; the same token stream in the same order
+    assert len({r["val_digest"] for r in pretrain}) == 1
+    assert len({r["ordinary_digest"] for r in pretrain}) == 1
+    no_sep = [r["result"] for n, r in runs.items() if "kbert-sep" not in n]
+    for steps in P.budgets:  # the same rows, [PAD] and all, for every arm without [SEP] at one budget
+        same = {r["data_digest"] for r in no_sep if r["curve"][-1]["step"] == steps}
+        assert len(same) == 1, steps
+    assert (tmp_path / "record" / "results.md").read_text().count("| kbert |") == len(P.budgets) + 1
+    pytest.importorskip("matplotlib", reason="the plot is a benchmark-only dependency")
+    assert (tmp_path / "record" / "frontier.png").stat().st_size > 10_000
+    # resumable: the same command reruns nothing
+    capsys.readouterr()
+    F.main(smoke)
+    assert "== pt/" not in capsys.readouterr().out
+    # a changed config is refused, or kept / redone when asked; the finetuning protocol keys only the evaluations
+    changed = smoke + ["--frontier.glue_dir", str(tmp_path)]
+    F.main(changed)
+    assert "== pt/" not in capsys.readouterr().out
+    monkeypatch.setitem(F.PRESETS, "smoke", dataclasses.replace(P, val_seqs=3))
+    with pytest.raises(SystemExit, match="made with another config.*--frontier.on_change keep"):
+        F.main(smoke)
+    F.main(smoke + ["--frontier.on_change", "keep"])
+    assert "== pt/" not in capsys.readouterr().out
+
+
+def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_path, monkeypatch):
+    """What the fairness assertions above rest on: an arm that read its rows in another order
+    or was scored on other masks would record other digests."""
+    F.main(smoke + ["--frontier.arms", "kbert", "--frontier.stages", "corpus"])  # the corpus only
+    files = F.corpus_files(str(tmp_path / "corpus" / "toy"))
+    P = F.PRESETS["smoke"]
+    a, b = F.Stream(files[0], P.seq_len), F.Stream(files[0], P.seq_len)
+    a.next_batch(2), a.next_batch(2)
+    b.loader.next_batch(2)  # b skips two rows: another order
+    b.next_batch(2), b.next_batch(2)
+    assert a.digest() != b.digest() and a.ordinary_digest() != b.ordinary_digest()
+    v1 = F.validation_set(files[1], P, torch.device("cpu"))
+    monkeypatch.setattr(F, "VAL_SEED", 7)
+    v2 = F.validation_set(files[1], P, torch.device("cpu"))
+    assert v1[2] != v2[2]
