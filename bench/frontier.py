@@ -81,6 +81,9 @@ class FrontierConfig:
     on_change: str = "refuse"  # a stored run made with another config, data or code: refuse | keep | redo
     threads: int = 0  # torch threads of this process and its finetuning runs; 0: torch's default
     device: str = "auto"
+    # while this file exists (default: PAUSE in the record folder) pretraining waits between steps, off the clock,
+    # and no new run starts: a benchmark can have the machine without skewing the runs' wall times
+    pause_file: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +441,7 @@ def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device
                 break
         if i == steps:
             break
+        wait_while_paused(cfg)
         batch, first = stream.next_batch(P.batch_seqs)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -465,6 +469,16 @@ def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device
 
 
 ARM_BY_NAME = {a.name: a for a in ARMS}
+
+
+def wait_while_paused(cfg: FrontierConfig):
+    """Between steps and runs: wait while the pause file exists (the time is not counted)."""
+    path = cfg.pause_file or os.path.join(cfg.out, "PAUSE")
+    if os.path.exists(path):
+        print(f"paused: {path} exists", flush=True)
+        while os.path.exists(path):
+            time.sleep(2)
+        print("resumed", flush=True)
 
 # ----------------------------------------------------------------------------------------
 # BLiMP and finetuning: finetuner.py, the same command for every arm
@@ -944,6 +958,7 @@ def main(argv=None) -> dict:
                 continue
             break
         job = ready[0]
+        wait_while_paused(cfg)
         if not store.claim(job["name"]):
             continue
         try:
