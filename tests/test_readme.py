@@ -3,6 +3,7 @@ exist, and every file it links to is in the repository."""
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -56,3 +57,13 @@ def test_readme_shows_the_main_commands_and_links_existing_files():
     for link in re.findall(r"\]\(([^)#]+)\)", README):
         if not link.startswith("http"):
             assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def test_gitignore_keeps_downloads_out_and_records_logs_in():
+    """Run logs and downloaded data stay out of git; a record's own logs/ folder is committable."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    paths = {"logs/run.txt": True, "data/blimp/blimp.jsonl": True, "data/pydoc/pydoc_val_000000.bin": True,
+             "records/2026-11-29-cpu-compare/logs/kbert.txt": False}
+    r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert {p: p in r.stdout.splitlines() for p in paths} == paths
