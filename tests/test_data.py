@@ -192,3 +192,16 @@ def test_download_scripts_with_a_fake_hub(tmp_path, monkeypatch):
     download_glue.main(["mnli", "--out", str(tmp_path / "glue")])
     got = [json.loads(line) for line in open(tmp_path / "glue" / "mnli" / "validation_matched.jsonl")]
     assert got == rows["validation_matched"]
+
+
+def test_text_given_as_a_shard_names_the_tokenizer_script(tmp_path):
+    """A raw .jsonl where token shards go (--data.train_files corpus.jsonl), short or long:
+    the error says which script turns text into shards."""
+    from data.shards import read_header
+
+    for n in (1, 40):
+        path = tmp_path / f"corpus{n}.jsonl"
+        corpus(path, n)
+        with pytest.raises(ShardError, match=r"corpus\d+.jsonl: magic number \d+ is not 20240520; not a token shard "
+                                             r"\(text such as .jsonl, .txt or .parquet becomes shards with data/tokenize_text.py\)"):
+            read_header(str(path))
