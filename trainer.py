@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import common
+from common import opt
 from data.shards import ShardError, open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, PAD_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
@@ -35,78 +36,82 @@ from optimizer import MuonAdamW
 
 @dataclass
 class TrainConfig:
-    run_id: str = ""  # logs/<run_id>.txt, checkpoints/<run_id>/, exports/<run_id>; empty: kbert-<date>-<time>-<random>
-    seed: int = 0  # model init and MLM masks (masks are keyed to data positions, not ranks)
-    steps: int = 18_700  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
-    batch_tokens: int = 524_288  # global tokens per step (64 x 8192), fixed whatever the world size
-    micro_batch_seqs: int = 8  # sequences per forward/backward on one device; grad accumulation is derived
+    # logs/<run_id>.txt, checkpoints/<run_id>/, exports/<run_id>; empty: kbert-<date>-<time>-<random>
+    run_id: str = opt("", "empty or a file name")
+    seed: int = opt(0, ">= 0")  # model init and MLM masks (masks are keyed to data positions, not ranks)
+    steps: int = opt(18_700, ">= 1")  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
+    batch_tokens: int = opt(524_288, ">= 1")  # global tokens per step (64 x 8192), fixed whatever the world size
+    micro_batch_seqs: int = opt(8, ">= 1")  # sequences per forward/backward on one device; grad accumulation is derived
     # >0: batch-size warm-up, linear from this to batch_tokens (whole sequences, the same for any world size) ...
-    batch_tokens_start: int = 0
-    batch_warmup_frac: float = 0.0  # ... over this fraction of the steps
-    lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
+    batch_tokens_start: int = opt(0, ">= 0")
+    batch_warmup_frac: float = opt(0.0, "in [0, 1]")  # ... over this fraction of the steps
+    lr_muon: float = opt(0.02, ">= 0")  # hidden matrices (Muon); Keller Jordan's default scale
     # token embedding = tied MLM head (AdamW). Adam moves each row ~lr per coordinate per step, so
     # logits move ~lr*d_model nats a step: 0.01 cost ~1 nat of loss in paired CPU runs (untied
     # too) and pulled the tied rows toward one direction (docs/studies.md). 0.002*768 is
     # close to the demo's 0.03*64.
-    lr_embed: float = 0.002
-    lr_scalar: float = 0.01  # gains, residual mixes, skip weights (AdamW)
-    weight_decay: float = 0.0  # decoupled, on hidden matrices only
-    adam_betas: str = "0.8,0.95"  # modded-nanogpt's betas for embeddings and scalars
-    warmup_frac: float = 0.01  # linear lr warm-up
-    cooldown_frac: float = 0.3  # linear decay to 0 over the last 30% (warmup-stable-decay)
-    muon_momentum_start: float = 0.85  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
-    muon_momentum_end: float = 0.95  # reached after muon_momentum_warmup_steps
-    muon_momentum_warmup_steps: int = 300  # steps of the momentum warm-up
-    mask_rate_start: float = 0.30  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
-    mask_rate_end: float = 0.15  # ... down to BERT's 0.15
-    random_frac_start: float = 0.10  # of the predicted tokens: replaced by a random token ...
-    random_frac_end: float = 0.02  # ... down to this
-    keep_frac_start: float = 0.10  # ... or left unchanged; the rest become [MASK]
-    keep_frac_end: float = 0.02  # ... down to this
-    local_window_start: int = 128  # sliding window of local layers (tokens), start -> end ...
-    local_window_end: int = 128  # the exported model's local window
-    global_window_start: int = 1024  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
-    global_window_end: int = 8192  # the exported model's global window
-    window_grow_frac: float = 0.5  # windows reach their end values at this fraction of training
-    val_every: int = 500  # steps between validations (and at the end)
-    val_tokens: int = 4_194_304  # fixed validation budget, same masks every time
-    save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept per run
-    checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
+    lr_embed: float = opt(0.002, ">= 0")
+    lr_scalar: float = opt(0.01, ">= 0")  # gains, residual mixes, skip weights (AdamW)
+    weight_decay: float = opt(0.0, ">= 0")  # decoupled, on hidden matrices only
+    adam_betas: str = opt("0.8,0.95", "2 numbers in [0, 1)")  # modded-nanogpt's betas for embeddings and scalars
+    warmup_frac: float = opt(0.01, "in [0, 1]")  # linear lr warm-up
+    cooldown_frac: float = opt(0.3, "in [0, 1]")  # linear decay to 0 over the last 30% (warmup-stable-decay)
+    muon_momentum_start: float = opt(0.85, "in [0, 1)")  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
+    muon_momentum_end: float = opt(0.95, "in [0, 1)")  # reached after muon_momentum_warmup_steps
+    muon_momentum_warmup_steps: int = opt(300, ">= 0")  # steps of the momentum warm-up
+    mask_rate_start: float = opt(0.30, "in (0, 1)")  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
+    mask_rate_end: float = opt(0.15, "in (0, 1)")  # ... down to BERT's 0.15
+    random_frac_start: float = opt(0.10, "in [0, 1]")  # of the predicted tokens: replaced by a random token ...
+    random_frac_end: float = opt(0.02, "in [0, 1]")  # ... down to this
+    keep_frac_start: float = opt(0.10, "in [0, 1]")  # ... or left unchanged; the rest become [MASK]
+    keep_frac_end: float = opt(0.02, "in [0, 1]")  # ... down to this
+    local_window_start: int = opt(128, ">= 1")  # sliding window of local layers (tokens), start -> end ...
+    local_window_end: int = opt(128, ">= 1")  # the exported model's local window
+    global_window_start: int = opt(1024, ">= 1")  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
+    global_window_end: int = opt(8192, ">= 1")  # the exported model's global window
+    window_grow_frac: float = opt(0.5, "in [0, 1]")  # windows reach their end values at this fraction of training
+    val_every: int = opt(500, ">= 0")  # steps between validations (and at the end)
+    val_tokens: int = opt(4_194_304, ">= 1")  # fixed validation budget, same masks every time
+    save_every: int = opt(2000, ">= 0")  # steps between checkpoints (and at the end); 0: only at the end
+    keep_checkpoints: int = opt(2, ">= 1")  # newest checkpoints kept per run
+    checkpoint_dir: str = opt("checkpoints", "non-empty")  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
     # a checkpoint file or a checkpoint folder (its newest good file), or "auto": the newest good checkpoint of
     # --train.run_id if it has one, else that run starts fresh, so one command can be re-queued after any
     # interruption. The run continues with the checkpoint's config; options given on the command line override
-    # it (the log lists what changed)
+    # it (the log lists what changed). Read before the other options, by load_checkpoint, which checks it
     resume: str = ""
     # also save when this many minutes passed since the last save, by rank 0's clock (0: off). A crash that
     # sends no signal (a lost node, an OOM kill) then costs at most this much work, for a checkpoint of base
     # that took 4 s to write (1.34 GB on a 2-core CPU, records/2026-11-29-checkpoint-base): ~0.2% of 30 minutes
-    save_every_minutes: float = 30.0
+    save_every_minutes: float = opt(30.0, ">= 0")
     # a bad step: a non-finite loss or gradient, or a loss spike (spike_factor). "stop": stop there, keeping the
     # last good checkpoint; "rollback": reload the last good checkpoint, skip the data trained on since it (up
     # to and including the bad step's batch: the stream moves on, nothing is re-read) and go on
-    on_bad_step: str = "stop"
-    spike_factor: float = 0.0  # a loss above this x the median of the last spike_window losses is bad; 0: off
-    spike_window: int = 100  # losses in that median; spikes are looked for once there are that many
-    max_rollbacks: int = 3  # rollbacks per run (counted across resumes); one bad step more stops the run
-    export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
-    hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
+    on_bad_step: str = opt("stop", "stop or rollback")
+    spike_factor: float = opt(0.0, "0 or > 1")  # a loss above this x the median of the last spike_window losses is bad; 0: off
+    spike_window: int = opt(100, ">= 1")  # losses in that median; spikes are looked for once there are that many
+    max_rollbacks: int = opt(3, ">= 0")  # rollbacks per run (counted across resumes); one bad step more stops the run
+    export_dir: str = opt("exports", "non-empty")  # Hub-format folder written at the end: exports/<run_id>
+    hf_repo: str = opt("", "empty or USER/NAME")  # push the export to this Hub model repo (e.g. USER/kbert-base)
     compile: bool = True  # torch.compile on CUDA (never on CPU)
     # "bf16": bf16 autocast over fp32 weights and Muon's orthogonalisation in bf16; "fp32": neither
     # (a numerics reference, e.g. to tell a precision problem from an optimisation one);
     # auto: bf16 on CUDA, fp32 on CPU
-    precision: str = "auto"
-    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    precision: str = opt("auto", "auto, bf16 or fp32")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")  # auto: cuda if available
     overwrite: bool = False  # reuse an existing run id, writing over its log, checkpoints and export
-    log_every: int = 1  # steps between step lines in the log
+    log_every: int = opt(1, ">= 1")  # steps between step lines in the log
 
 
 @dataclass
 class DataConfig:
-    source: str = "files"  # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
-    train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"  # glob of token shards (data/download_fineweb_edu.py)
-    val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"  # glob of validation shards, disjoint from training
-    seq_len: int = 8192  # packed sequence length (multiple of 128 for FlexAttention)
+    # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
+    source: str = opt("files", "files or pydoc")
+    # glob of token shards (data/download_fineweb_edu.py, data/tokenize_text.py)
+    train_files: str = opt("data/fineweb_edu/finewebedu_train_*.bin", "non-empty")
+    # glob of validation shards, disjoint from training
+    val_files: str = opt("data/fineweb_edu/finewebedu_val_*.bin", "non-empty")
+    seq_len: int = opt(8192, "> 0 and a multiple of 128")  # packed sequence length (multiple of 128 for FlexAttention)
 
 
 GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
@@ -158,6 +163,7 @@ def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
             groups[name] = cls(**kwargs)
         except ValueError as e:
             raise SystemExit(f"--{name}.*: {e}") from None
+        common.check_config(groups[name], name)  # the defaults, --demo's and a checkpoint's values too
     hp = Hyperparameters(**groups)
     check(hp)
     ignored = [k for k in ("train_files", "val_files") if k in overrides["data"]]
@@ -171,33 +177,12 @@ def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
 
 
 def check(hp: Hyperparameters):
+    """What one field's declared range (opt) cannot say: the checks across fields and the device."""
     t, d = hp.train, hp.data
-    if d.seq_len % 128:
-        raise SystemExit(f"--data.seq_len {d.seq_len} must be a multiple of 128")
     if t.batch_tokens % d.seq_len:
         raise SystemExit(f"--train.batch_tokens {t.batch_tokens} must be a multiple of --data.seq_len {d.seq_len}")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--train.precision must be auto, bf16 or fp32, got {t.precision!r}")
-    if d.source not in ("files", "pydoc"):
-        raise SystemExit(f"--data.source must be 'files' or 'pydoc', got {d.source!r}")
-    for name in ("local_window_start", "local_window_end", "global_window_start", "global_window_end"):
-        if getattr(t, name) < 1:
-            raise SystemExit(f"--train.{name} must be >= 1")
-    for name in ("mask_rate_start", "mask_rate_end"):
-        if not 0 < getattr(t, name) < 1:
-            raise SystemExit(f"--train.{name} must be in (0, 1)")
     if t.random_frac_start + t.keep_frac_start > 1 or t.random_frac_end + t.keep_frac_end > 1:
         raise SystemExit("--train.random_frac_* + --train.keep_frac_* must not exceed 1")
-    if t.steps < 1:
-        raise SystemExit("--train.steps must be >= 1")
-    if t.micro_batch_seqs < 1:
-        raise SystemExit("--train.micro_batch_seqs must be >= 1")
-    if t.on_bad_step not in ("stop", "rollback"):
-        raise SystemExit(f"--train.on_bad_step must be stop or rollback, got {t.on_bad_step!r}")
-    if t.spike_factor and t.spike_factor <= 1:
-        raise SystemExit(f"--train.spike_factor {t.spike_factor:g} would flag ordinary steps: give a factor above 1, or 0 (off)")
-    if t.spike_window < 1 or t.max_rollbacks < 0 or t.save_every_minutes < 0:
-        raise SystemExit("--train.spike_window must be >= 1, --train.max_rollbacks and --train.save_every_minutes >= 0")
     common.check_device(t.device)
 
 

@@ -22,7 +22,7 @@ import tokenizer
 import trainer
 from bench import log_summary
 from data.shards import ShardError, open_shard, read_header, write_shard
-from model import CLS_ID, MASK_ID, PAD_ID, SEP_ID, KBERT, ModelConfig, document_ids
+from model import CLS_ID, MASK_ID, PAD_ID, PRESETS, SEP_ID, KBERT, ModelConfig, document_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -551,9 +551,9 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
         trainer.parse_args(["--data.seq_len", "100"])
     with pytest.raises(SystemExit, match="precision must be auto, bf16 or fp32"):
         trainer.parse_args(["--train.precision", "fp16"])
-    with pytest.raises(SystemExit, match="unknown model preset"):
+    with pytest.raises(SystemExit, match=r"--model.preset must be tiny, small, base or large, got .giant."):
         trainer.parse_args(["--model.preset", "giant"])
-    with pytest.raises(SystemExit, match=r"--train.device 'gpu': choose auto \(cuda if available\), cpu, cuda or cuda:N"):
+    with pytest.raises(SystemExit, match=r"^--train.device must be auto, cpu, cuda or cuda:N, got 'gpu'$"):
         trainer.parse_args(["--train.device", "gpu"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--train.device cuda: CUDA is not available"):
@@ -563,6 +563,59 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     assert trainer.parse_args(["--demo", "--data.seq_len", "256"]).data.seq_len == 256  # other --data.* are honoured
     assert trainer.parse_args(["--train.compile", "False"]).train.compile is False
     assert not (shards / "logs" / "m.txt").exists()  # nothing was started: no log left behind
+
+
+# a value that each option of trainer.py does not allow (out of its range, malformed, or derived)
+BAD_VALUES = {
+    "train.run_id": "a/b", "train.seed": "-1", "train.steps": "0", "train.batch_tokens": "0", "train.micro_batch_seqs": "0",
+    "train.batch_tokens_start": "-8", "train.batch_warmup_frac": "1.5", "train.lr_muon": "-0.1", "train.lr_embed": "fast",
+    "train.lr_scalar": "-1", "train.weight_decay": "-0.1", "train.adam_betas": "0.9", "train.warmup_frac": "2",
+    "train.cooldown_frac": "-0.3", "train.muon_momentum_start": "1", "train.muon_momentum_end": "1.5",
+    "train.muon_momentum_warmup_steps": "-1", "train.mask_rate_start": "0", "train.mask_rate_end": "1",
+    "train.random_frac_start": "-0.1", "train.random_frac_end": "1.1", "train.keep_frac_start": "2", "train.keep_frac_end": "-1",
+    "train.local_window_start": "0", "train.local_window_end": "-128", "train.global_window_start": "0",
+    "train.global_window_end": "1.5", "train.window_grow_frac": "1.1", "train.val_every": "-1", "train.val_tokens": "0",
+    "train.save_every": "-1", "train.keep_checkpoints": "-1", "train.checkpoint_dir": "", "train.resume": "no/such/run",
+    "train.save_every_minutes": "-5", "train.on_bad_step": "skip", "train.spike_factor": "0.5", "train.spike_window": "0",
+    "train.max_rollbacks": "-1", "train.export_dir": "", "train.hf_repo": "kbert-base", "train.compile": "maybe",
+    "train.precision": "fp16", "train.device": "gpu", "train.overwrite": "maybe", "train.log_every": "0",
+    "data.source": "web", "data.train_files": "", "data.val_files": " ", "data.seq_len": "100",
+    "model.preset": "giant", "model.n_layer": "-1", "model.d_model": "-64", "model.n_head": "-2", "model.d_mlp": "-1",
+    "model.vocab_size": "50257", "model.local_window": "64", "model.global_window": "512", "model.global_every": "0",
+    "model.rope_base": "0", "model.attn_scale": "-0.12", "model.softcap": "-1", "model.tie_embeddings": "maybe",
+    "model.unet_skips": "maybe", "model.value_residual": "maybe", "model.dropout": "1", "model.residual_fp32": "maybe",
+}
+
+
+def test_every_option_out_of_range_fails_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Each field of TrainConfig, DataConfig and ModelConfig given a value it does not allow:
+    one line naming the option (exit 1), before the demo corpus, a log, a checkpoint folder or
+    an export is written. Also as a real process, for the value that once failed at step 1."""
+    assert set(BAD_VALUES) == set(common.valid_keys(trainer.GROUPS)), "a new option needs a bad value here"
+    assert all(common.allows(dataclasses.fields(ModelConfig)[0].metadata["allowed"], p) for p in PRESETS)
+    monkeypatch.chdir(tmp_path)
+    for key, value in BAD_VALUES.items():
+        with pytest.raises(SystemExit) as e:
+            trainer.main(["--demo", f"--{key}", value])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and f"--{key}" in e.value.code, (key, e.value.code)
+        assert capsys.readouterr() == ("", ""), key
+    print(trainer.main.__name__, "refused", len(BAD_VALUES), "values, e.g.:", e.value.code)
+    assert not os.listdir(tmp_path)
+    for value in ("0.9", "0.9,x"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "trainer.py"), "--demo", "--train.adam_betas", value], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", f"--train.adam_betas must be 2 numbers in [0, 1), got {value!r}\n")
+    assert not os.listdir(tmp_path)
+
+
+def test_keep_checkpoints_below_one_is_refused_before_anything_is_saved(shards, monkeypatch):
+    """--train.keep_checkpoints -1 once deleted every checkpoint it had logged as saved and
+    exited 0 with an empty folder; 0 kept them all."""
+    monkeypatch.chdir(shards)
+    for keep in ("-1", "0"):
+        with pytest.raises(SystemExit, match=rf"^--train.keep_checkpoints must be >= 1, got {keep}$"):
+            trainer.main(base_args(shards, "keep") + ["--train.keep_checkpoints", keep])
+    assert not any((shards / name).exists() for name in ("logs", "ck", "ex"))
 
 
 def test_help_lists_every_option_with_its_default_and_description(capsys):
@@ -575,7 +628,8 @@ def test_help_lists_every_option_with_its_default_and_description(capsys):
     assert listed == common.valid_keys(trainer.GROUPS, trainer.HIDDEN) + ["demo"]  # grouped, in field order
     assert all(o[2] for o in options), [o[0] for o in options if not o[2]]  # every option has a description
     assert "--model.local_window" not in text  # derived from the schedule: rejected as an option
-    assert "  --train.lr_muon float (default: 0.02)\n      hidden matrices (Muon)" in text
+    assert "  --train.lr_muon float (>= 0; default: 0.02)\n      hidden matrices (Muon)" in text
+    assert "  --train.compile bool (default: True)\n" in text and "  --model.dropout float (in [0, 1); default: 0.0)\n" in text
 
 
 def test_a_bad_shard_fails_in_one_line_without_a_log(shards):
@@ -776,7 +830,7 @@ def test_a_loss_spike_is_a_bad_step_once_the_window_is_full():
     assert why(9.5) is None and why(9.51) == "loss 9.5100 is a spike, above 2 x 4.7500, the median of the last 4 losses"
     assert why(math.inf).startswith("loss is inf") and why(3.0, grad_ranks=1).endswith("non-finite on 1 of 1 ranks")
     assert trainer.bad_step({"loss": 1e9, "bad_grad_ranks": 0}, recent, trainer.TrainConfig(), 1) is None  # off by default
-    with pytest.raises(SystemExit, match="give a factor above 1"):
+    with pytest.raises(SystemExit, match=r"^--train.spike_factor must be 0 or > 1, got 0.5$"):
         trainer.parse_args(["--train.spike_factor", "0.5"])
     with pytest.raises(SystemExit, match="on_bad_step must be stop or rollback"):
         trainer.parse_args(["--train.on_bad_step", "skip"])
