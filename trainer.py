@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -542,7 +543,8 @@ def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tok
         state["rng_cuda"] = torch.cuda.get_rng_state()
     path = checkpoint_path(folder, step)
     common.atomic_torch_save(state, path)
-    for old in checkpoint_paths(folder)[:-keep]:
+    older = [p for p in checkpoint_paths(folder) if p != path]  # the one just written always stays
+    for old in older[:max(0, len(older) - (keep - 1))]:
         os.remove(old)
     log(f"step:{step} saved checkpoint {path}")
     return path
@@ -744,6 +746,8 @@ def main(argv: list[str] | None = None) -> dict:
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
     given = cli(argv)[0]["train"]
     resume = given.get("resume", "")
+    if resume and given.get("overwrite"):
+        raise SystemExit("--train.overwrite true starts the run id afresh and --train.resume continues it: give one of them")
     notes = []  # what loading the checkpoint found, for the run log
     if resume == "auto":
         if not given.get("run_id"):
@@ -763,6 +767,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_id = common.agree(t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert")), d)
     log = common.RunLog(run_id, d.master)
     ckpt_dir, export_dir = os.path.join(t.checkpoint_dir, run_id), os.path.join(t.export_dir, run_id)
+    if resume_state is not None and resume_state["step"] == t.steps and os.path.isfile(os.path.join(export_dir, "config.json")):
+        # a re-queued job whose run is done: its last checkpoint is the final step and the export was written
+        if d.master:
+            print(f"run {run_id} is finished: step {t.steps} of {t.steps}, exported to {export_dir}; nothing to do "
+                  f"(give --train.steps above {t.steps} to train on)")
+        common.cleanup_distributed(d)
+        return {"run_id": run_id, "finished": True, "history": [], "val": None, "export": export_dir, "log": log.path}
+    overwrite = resume_state is None and t.overwrite  # the run id's old log, checkpoints and export go before anything is written
     if resume_state is None and not t.overwrite:
         # auto without a checkpoint: the run was stopped before its first save and has nothing to lose but
         # its log, which is appended to; an export without checkpoints is a finished run: refused
@@ -786,15 +798,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # preflight: the checkpoints (the ones kept + the one being written) and the export fit where they go
     ckpt_bytes, weight_bytes = checkpoint_bytes(hp)
-    n_ckpt = max(2, t.keep_checkpoints + 1 - len(checkpoint_paths(ckpt_dir)))
+    n_ckpt = max(2, t.keep_checkpoints + 1 - (0 if overwrite else len(checkpoint_paths(ckpt_dir))))
     common.preflight([(ckpt_dir, n_ckpt * ckpt_bytes, "--train.checkpoint_dir"),
                       (export_dir, weight_bytes, "--train.export_dir")], d)
+    # --train.overwrite: every check passed, so the old run's files go now, before this run writes anything (its
+    # checkpoints would otherwise be pruned with this run's, and resumed by --train.resume auto)
+    removed = [p for p in (ckpt_dir, export_dir, export_dir + ".tmp", export_dir + ".old") if overwrite and os.path.exists(p)]
+    if d.master:
+        for p in removed:
+            shutil.rmtree(p)
+    if overwrite and d.world > 1:
+        torch.distributed.barrier()
 
     log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
                common.config_to_dict(hp), d.device, append=resume_state is not None or t.resume == "auto")
     log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
     for note in notes:
         log(note)
+    if overwrite:
+        log(f"--train.overwrite: a new run {run_id}" + (f"; removed the earlier run's {', '.join(removed)}" if removed else ""))
     if resume_state is not None:
         changes = config_changes(resume_state["config"], hp)
         log("config: the checkpoint's" + ("; changed by the command line: " + "; ".join(changes) if changes else ", unchanged"))

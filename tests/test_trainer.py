@@ -671,6 +671,50 @@ def test_run_ids_are_unique_and_an_existing_run_is_not_overwritten(shards, monke
     assert "differs from this run's" in open(shards / "logs" / "same.txt").read().splitlines()[-1]
 
 
+def test_overwrite_removes_the_old_run_before_writing_so_auto_resume_continues_the_new_one(shards, monkeypatch):
+    """A 4-step run (checkpoints 2 and 4), overwritten by a 1-step one, then re-queued with
+    --train.resume auto: the overwrite removes the old checkpoints and export before it writes,
+    so its own checkpoint survives and the resume continues it (once, the old files sorted
+    after the new one: the new checkpoint was pruned as soon as it was saved and the resume
+    went on from the old run's step 4)."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)  # the export's tokenizer files: 1-2 s
+    ck = shards / "ck" / "ow"
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256"]
+    args = lambda steps, *more: base_args(shards, "ow", steps=steps) + small + list(more)
+    trainer.main(args(4, "--train.save_every", "2"))
+    assert sorted(os.listdir(ck)) == ["step_0000002.pt", "step_0000004.pt"]
+    out = trainer.main(args(1, "--train.save_every", "0", "--train.overwrite", "true"))
+    assert sorted(os.listdir(ck)) == ["step_0000001.pt"]
+    assert json.load(open(shards / "ex" / "ow" / "config.json"))["kbert"]["tokens_seen"] == out["tokens_seen"]
+    log = open(out["log"]).read()
+    assert log.count("==> config <==") == 1 and f"removed the earlier run's {ck}, {shards}/ex/ow" in log
+    more = trainer.main(args(3, "--train.save_every", "0", "--train.resume", "auto"))
+    assert [h["step"] for h in more["history"] if "acc" not in h] == [2, 3]
+    assert f"resuming from {ck}/step_0000001.pt (step 1)" in open(out["log"]).read()
+    with pytest.raises(SystemExit, match=r"^--train.overwrite true starts the run id afresh and --train.resume continues it"):
+        trainer.main(args(8, "--train.overwrite", "true", "--train.resume", "auto"))
+
+
+def test_a_finished_run_requeued_says_so_and_does_nothing(shards, monkeypatch, capsys):
+    """--train.resume auto on a run that reached its last step and exported: one line, exit 0,
+    nothing validated, saved, exported or pushed again (once it did the end over again)."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256", "--train.resume", "auto"]
+    args = base_args(shards, "done", steps=1) + small
+    trainer.main(args)
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    out = trainer.main(args + ["--train.hf_repo", "nobody/never-pushed"])
+    assert out["finished"] and out["export"] == f"{shards}/ex/done"
+    assert capsys.readouterr().out == (f"run done is finished: step 1 of 1, exported to {shards}/ex/done; nothing to do "
+                                       "(give --train.steps above 1 to train on)\n")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.rglob("*") if p.is_file()} == files
+    more = trainer.main(base_args(shards, "done", steps=2) + small)
+    assert [h["step"] for h in more["history"] if "acc" not in h] == [2]  # a larger --train.steps trains on
+
+
 def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     """`python trainer.py --demo`, shortened: the pydoc corpus is built on first use
     (train and validation documents disjoint) and the validation loss falls."""
