@@ -17,10 +17,14 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads (seconds): one line, not an import traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("stopped by SIGINT while loading", file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -201,7 +205,9 @@ def config_changes(saved: dict, hp: Hyperparameters) -> list[str]:
 def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
     """The demo's embedded default: the pydoc topic pages and the module docstrings of the
     standard library that ship with every Python, tokenized once into train/val shards.
-    A document goes to validation by a hash of its text, so the splits never overlap."""
+    A document goes to validation by a hash of its text, so the splits never overlap. The
+    shards are written into folder.tmp<pid>, renamed to folder when both are complete: an
+    interrupted build leaves nothing that looks like a corpus."""
     if glob.glob(os.path.join(folder, "pydoc_train_*.bin")) and glob.glob(os.path.join(folder, "pydoc_val_*.bin")):
         return
     import ast
@@ -211,6 +217,11 @@ def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
 
     from tokenizer import Tokenizer
 
+    try:
+        tok = Tokenizer()  # first: without GPT-2's BPE files nothing else is worth doing
+    except RuntimeError as e:
+        raise SystemExit(f"the demo corpus needs GPT-2's tokenizer: {e}") from None
+    print(f"building the demo corpus in {folder} (first use: the Python docs that ship with Python, ~20 s)", flush=True)
     texts = [t for _, t in sorted(pydoc_data.topics.topics.items())]
     stdlib = sysconfig.get_paths()["stdlib"]
     for path in sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py"))):
@@ -225,14 +236,22 @@ def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
         if len(text) > 200:
             texts.append(text)
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]  # mix topics and modules
-    tok = Tokenizer()
     split = {"train": [], "val": []}
     for text, ids in zip(texts, tok.encode_documents(texts)):
         h = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1000
         split["val" if h < val_permille else "train"].append(np.array(ids, dtype=np.uint16))
-    os.makedirs(folder, exist_ok=True)
-    write_shard(os.path.join(folder, "pydoc_val_000000.bin"), np.concatenate(split["val"]))
-    write_shard(os.path.join(folder, "pydoc_train_000001.bin"), np.concatenate(split["train"]))
+    tmp = f"{folder.rstrip('/')}.tmp{os.getpid()}"
+    for stale in glob.glob(f"{folder.rstrip('/')}.tmp*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        write_shard(os.path.join(tmp, "pydoc_val_000000.bin"), np.concatenate(split["val"]))
+        write_shard(os.path.join(tmp, "pydoc_train_000001.bin"), np.concatenate(split["train"]))
+        if os.path.isdir(folder):  # an incomplete corpus (one split only)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shard_files(pattern: str, what: str) -> list[str]:
@@ -739,10 +758,21 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """run(argv), where a Ctrl-C before the training loop (while the demo corpus is built, the
+    shards are scanned, a checkpoint is read) exits 130 in one line instead of a traceback;
+    inside the loop the run stops at the end of a step with a checkpoint (common.StopSignals)."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("stopped by SIGINT before the training loop began: nothing of this run was written; "
+              "run the command again to start it", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def run(argv: list[str]) -> dict:
     """Config, distributed setup, data, the preflight of the output folders and the run's log,
     checked in that order so that bad input fails in one line before anything is written; then
     train(), stopped cleanly by SIGTERM or SIGINT."""
-    argv = sys.argv[1:] if argv is None else argv
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
     given = cli(argv)[0]["train"]
     resume = given.get("resume", "")
@@ -993,4 +1023,5 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again (main)
     main()

@@ -735,6 +735,55 @@ def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     assert [h["step"] for h in more["history"] if "acc" not in h] == [21, 22] and more["run_id"] == out["run_id"]
 
 
+def test_ctrl_c_before_the_loop_exits_130_in_one_line_and_leaves_no_half_built_corpus(shards, monkeypatch, capsys, tok):
+    """Ctrl-C (a KeyboardInterrupt in the main thread) while the demo corpus is written, after
+    its first shard, and during the start-up shard scan: exit 130, one line on stderr, no
+    traceback, no corpus folder, no temporary folder, no log (once: a traceback, and a
+    validation shard alone in data/pydoc)."""
+    import sysconfig
+
+    demo = shards / "demo"
+    os.makedirs(demo)
+    monkeypatch.chdir(demo)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(demo / "no_stdlib")})  # pydoc topics only: fast
+    real_write = trainer.write_shard
+
+    def write_then_interrupt(path, tokens):
+        real_write(path, tokens)
+        raise KeyboardInterrupt
+
+    line = ("stopped by SIGINT before the training loop began: nothing of this run was written; run the command again to "
+            "start it\n")
+    monkeypatch.setattr(trainer, "write_shard", write_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        trainer.main(["--demo"])
+    assert e.value.code == 130 and capsys.readouterr().err == line
+    assert os.listdir(demo) == ["data"] and os.listdir(demo / "data") == []
+    monkeypatch.setattr(trainer, "write_shard", real_write)
+    monkeypatch.setattr(trainer, "open_shard", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "scan"))
+    assert e.value.code == 130 and capsys.readouterr().err == line
+    assert os.listdir(demo) == ["data"] and not any((shards / name).exists() for name in ("logs", "ck", "ex"))
+
+
+def test_missing_gpt2_bpe_files_fail_the_demo_in_one_line_that_says_what_to_do(tmp_path):
+    """A first `python trainer.py --demo` with an empty tiktoken cache and no network (a proxy
+    that refuses): one line naming where the files come from and how to install them offline,
+    nothing written (once: a multi-line traceback)."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    os.makedirs(tmp_path / "run")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "trainer.py"), "--demo"], cwd=tmp_path / "run", env=env,
+                       capture_output=True, text=True, timeout=120)
+    print(r.stderr)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"the demo corpus needs GPT-2's tokenizer: cannot load GPT-2's BPE files: they are not in "
+                               f"{tmp_path}/empty_cache and tiktoken could not download them (")
+    assert f"from {tokenizer.BPE_URL}" in r.stderr and "tokenizer.install_offline_bpe('DIR', '.cache/tiktoken')" in r.stderr
+    assert os.listdir(tmp_path / "run") == []
+
+
 # -- runs that survive: signals, kills mid-write, automatic resume, bad steps, preflight -----
 
 def stopped_at(out: str, signame: str) -> tuple[int, list[str]]:
