@@ -256,6 +256,11 @@ def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
 
 def shard_files(pattern: str, what: str) -> list[str]:
     files = sorted(glob.glob(pattern))
+    if not files and what == "validation":
+        raise SystemExit(f"no validation shards match {pattern!r}. data/tokenize_text.py writes PREFIX_val_*.bin from "
+                         "the documents whose hash falls under its --val-permille (and from at least one of 2 or more "
+                         "documents): rerun it with --restart (and a larger --val-permille) and point --data.val_files at "
+                         "PREFIX_val_*.bin, or download FineWeb-EDU's with `python data/download_fineweb_edu.py`.")
     if not files:
         raise SystemExit(f"no {what} shards match {pattern!r}. Download FineWeb-EDU with "
                          "`python data/download_fineweb_edu.py`, tokenize your own text with data/tokenize_text.py "
