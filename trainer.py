@@ -175,7 +175,7 @@ def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
     if hp.data.source == "pydoc" and ignored:
         raise SystemExit(f"--data.{ignored[0]} does not apply to --data.source pydoc (the demo's corpus): "
                          "add --data.source files to train on your shards")
-    hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train)
+    hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train, hp.data.seq_len)
     if hp.data.source == "pydoc":
         hp.data.train_files, hp.data.val_files = PYDOC_FILES
     return hp
@@ -513,13 +513,15 @@ def lr_multiplier(step: int, t: TrainConfig) -> float:
     return 1.0
 
 
-def windows_at(step: int, t: TrainConfig) -> tuple[int, int]:
-    """Local and global windows, grown linearly and rounded up to 128-token blocks."""
+def windows_at(step: int, t: TrainConfig, seq_len: int | None = None) -> tuple[int, int]:
+    """Local and global windows, grown linearly and rounded up to 128-token blocks, at most
+    seq_len (a window past the sequence attends to nothing more)."""
     frac = step / max(1, t.window_grow_frac * t.steps)
 
     def grow(a, b):
         w = lerp(a, b, frac)
-        return int(math.ceil(w / 128) * 128) if w >= 128 else int(w)
+        w = int(math.ceil(w / 128) * 128) if w >= 128 else int(w)
+        return min(w, seq_len) if seq_len else w
 
     return grow(t.local_window_start, t.local_window_end), grow(t.global_window_start, t.global_window_end)
 
@@ -602,33 +604,37 @@ def load_checkpoint(path: str, log) -> dict:
     raise SystemExit(f"--train.resume {path!r}: no loadable checkpoint")
 
 
-def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str, where: str,
-               blimp: dict | None = None) -> str:
+def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str, where: str) -> str:
     """The export's README.md: what the model is and how to load it (`where`: its folder or Hub
-    id). blimp: finetuner.run_blimp's metrics, when measured."""
+    id)."""
     val_line = f"{val['loss']:.4f} per predicted token, MLM accuracy {val['acc']:.4f}" if val else "not measured"
-    blimp_line = (f"{100 * blimp['accuracy']:.1f}% (mean over {len(blimp['paradigms'])} paradigms, {blimp['pairs']:,} pairs)"
-                  if blimp else f"not measured (`python finetuner.py --task blimp --train.base_model {where}`)")
     return (f"---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags: [fill-mask, encoder, kbert]\n---\n"
             f"# KBERT ({hp.model.preset})\n\n"
             f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
             f"- parameters: {counts['total']:,} ({counts['embedding']:,} embedding, {counts['non_embedding']:,} other)\n"
-            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n- BLiMP: {blimp_line}\n"
+            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n"
             f"- tokenizer: GPT-2 BPE (tiktoken `gpt2`) + [MASK]=50257 [SEP]=50258 [PAD]=50259, [CLS]=50256\n"
-            f"- command: `{command}`\n\n{common.transformers_usage(where)}\n"
+            f"- command: `{command}`\n\nTo score it on BLiMP: `python finetuner.py --task blimp --train.base_model {where}` "
+            f"(KBERT's repo; the score goes to that run's own metrics.json).\n\n{common.transformers_usage(where)}\n"
             f"In KBERT's repo: `model, config = trainer.load_encoder(\"{where}\")`.\n\n"
             f"## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
 
 
-def export(model, hp, tokens_seen, val, run_id, log):
-    """exports/<run_id>: a Hugging Face model folder (common.save_pretrained), pushed to
-    --train.hf_repo if given."""
+def export(model, hp, tokens_seen, val, run_id, log, metrics: dict | None = None):
+    """exports/<run_id>: a Hugging Face model folder (common.save_pretrained) with the run's
+    metrics.json (`metrics` and the folder: final validation loss and accuracy, real tokens,
+    FLOPs, training and wall seconds, the config), pushed to --train.hf_repo if given."""
     folder = os.path.join(hp.train.export_dir, run_id)
     config = {"model": hp.model.to_dict(), "tokens_seen": tokens_seen, "val_loss": val["loss"] if val else None,
               "val_acc": val["acc"] if val else None}
     command = " ".join(["trainer.py"] + sys.argv[1:])
     card = model_card(hp, model.param_counts(), tokens_seen, val, command, hp.train.hf_repo or folder)
     common.save_pretrained(folder, model.state_dict(), config, card, max_len=hp.data.seq_len, log=log)
+    if metrics is not None:
+        path = os.path.join(folder, "metrics.json")
+        with open(path, "w") as f:
+            json.dump({**metrics, "export": folder}, f, indent=2)
+        os.chmod(path, 0o644)
     log(f"exported {folder}")
     if hp.train.hf_repo:
         common.push_to_hub(folder, hp.train.hf_repo, log)
@@ -719,7 +725,7 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
     compiled model sees one shape. votes: a function giving this rank's (stop, save) votes,
     read just before the step's all-reduce; "stop" and "save" in the result count the ranks
     that voted, the same number on every rank. The gradients stay on the parameters after the step."""
-    windows_py = windows_at(step, t)
+    windows_py = windows_at(step, t, batch.shape[1])
     windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
     mask_rate, rnd, keep = masking_at(step, t)
     lrs = set_schedules(opt, step, t)
@@ -779,6 +785,7 @@ def run(argv: list[str]) -> dict:
     checked in that order so that bad input fails in one line before anything is written; then
     train(), stopped cleanly by SIGTERM or SIGINT."""
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
+    started = time.monotonic()  # the run's wall time (metrics.json) counts from here
     given = cli(argv)[0]["train"]
     resume = given.get("resume", "")
     if resume and given.get("overwrite"):
@@ -864,7 +871,7 @@ def run(argv: list[str]) -> dict:
     aborted = f"aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: {resume_cmd}"
     with common.failures_logged(d, log, aborted), signals:  # from here on an expected failure is logged too
         try:
-            out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd)
+            out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd, started)
         except ShardError as e:  # a shard rewritten since the start
             raise SystemExit(f"error: {e}") from None
     if dc.source == "pydoc" and out["export"]:
@@ -899,7 +906,8 @@ def restore(model, opt, state: dict, cuda: bool):
 
 
 def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedLoader, val_batch: np.ndarray,
-          resume_state: dict | None, signals: common.StopSignals | None = None, resume_cmd: str = "") -> dict:
+          resume_state: dict | None, signals: common.StopSignals | None = None, resume_cmd: str = "",
+          started: float | None = None) -> dict:
     """Model, optimizer, the restored state of a resumed run, then the loop: validation and
     checkpoints at their intervals (and on a signal, after which the run stops), one
     train_step per step, a bad step stopping the run or rolled back, the export at the end."""
@@ -937,6 +945,12 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
     ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
     val, history = None, []
     train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
+    flops = 0.0  # training_flops summed over the steps
+    wall_before = 0.0  # wall seconds of the processes this one resumes, up to their last checkpoint
+    started = time.monotonic() if started is None else started
+    if resume_state is not None:  # a resumed run counts on (checkpoints before these were recorded: from 0)
+        train_time, flops = resume_state.get("train_time_s", 0.0), resume_state.get("flops", 0.0)
+        wall_before = resume_state.get("wall_time_s", 0.0)
     log("step lines: lr_* are each group's learning rate; real_tokens, real_tok/s and mfu count non-[PAD] tokens")
     last_save = time.monotonic()  # rank 0's clock decides the time-based saves
     # the step of this run's last checkpoint, the state a rollback returns to: the one resumed from when it
@@ -965,7 +979,8 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         if (last or (t.save_every and step % t.save_every == 0 and step > start_step) or save_now or stop
                 or (saved_step is None and t.on_bad_step == "rollback")):
             path = save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log,
-                                   {"recent_losses": list(recent), "rollbacks": rollbacks})
+                                   {"recent_losses": list(recent), "rollbacks": rollbacks, "train_time_s": train_time,
+                                    "flops": flops, "wall_time_s": wall_before + time.monotonic() - started})
             last_save, saved_step, window_start = time.monotonic(), step, loader.seq_index
         if stop and not last:
             log(f"step:{step} stopped by {signals.name}: saved {path}; resume with: {resume_cmd}")
@@ -1012,19 +1027,24 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         tokens_seen += out["real_tokens"]
         if step > 1 or not compiled:
             train_time += dt
+        step_flop = step_flops(hp.model, batch, out["n_predicted"], out["windows"])
+        flops += step_flop
         history.append({"step": step, "loss": out["loss"]})
         if d.master and (step % t.log_every == 0 or step == t.steps):
             (wl, wg), real = out["windows"], out["real_tokens"]
-            flops = step_flops(hp.model, batch, out["n_predicted"], out["windows"])
-            mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
+            mfu = f"{100 * step_flop / dt / d.world / peak:.1f}%" if peak else "n/a"
             mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"
             lrs = " ".join(f"lr_{name}:{lr:.3g}" for name, lr in out["lrs"].items())
             log(f"step:{step}/{t.steps} loss:{out['loss']:.4f} gnorm:{out['grad_norm']:.3f} {lrs} mask:{out['mask_rate']:.3f} "
                 f"windows:{wl}/{wg} real_tokens:{real} dt:{dt * 1000:.0f}ms real_tok/s:{real / dt:.0f} mfu:{mfu} mem:{mem}")
 
-    folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
+    metrics = {"run_id": run_id, "steps": step, "val_loss": val["loss"], "val_acc": val["acc"],
+               "val_history": [h for h in history if "acc" in h], "real_tokens": tokens_seen, "flops": flops,
+               "train_time_s": train_time, "wall_time_s": wall_before + time.monotonic() - started,
+               "rollbacks": len(rollbacks), "log": log.path, "config": common.config_to_dict(hp)}
+    folder = export(model, hp, tokens_seen, val, run_id, log, metrics) if d.master else None
     return {"run_id": run_id, "history": history, "val": val, "export": folder, "log": log.path,
-            "train_time_s": train_time, "tokens_seen": tokens_seen, "rollbacks": rollbacks}
+            "train_time_s": train_time, "tokens_seen": tokens_seen, "rollbacks": rollbacks, "flops": flops}
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ def max_diff(a, b) -> float:
 
 
 def test_export_is_a_hub_folder_readable_by_others_with_a_card_that_runs(pretrained, capsys):
-    assert sorted(os.listdir(pretrained)) == FILES
-    modes = {name: stat.S_IMODE(os.stat(os.path.join(pretrained, name)).st_mode) for name in FILES}
+    assert sorted(os.listdir(pretrained)) == sorted(FILES + ["metrics.json"])  # the trainer's metrics beside the model
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(pretrained, name)).st_mode) for name in FILES + ["metrics.json"]}
     assert stat.S_IMODE(os.stat(pretrained).st_mode) == 0o755 and set(modes.values()) == {0o644}, modes  # umask was 077
     for name in common.EXPORT_CODE:  # the remote code is the repo's own, byte for byte
         assert open(os.path.join(pretrained, name)).read() == open(os.path.join(ROOT, name)).read()

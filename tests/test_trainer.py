@@ -232,6 +232,55 @@ def test_schedules():
     assert sizes == [16, 28, 40, 64, 64]  # whole sequences on the straight line 16 -> 64, whatever the world size
 
 
+def test_windows_are_clipped_to_the_sequence_length(shards):
+    """At --data.seq_len 512 the base schedule's windows (128 -> 128 local, 1024 -> 8192 global)
+    stop at 512: in the schedule, the step line's windows and the exported config (once
+    windows:128/8192 and global_window 8192)."""
+    hp = trainer.parse_args(["--model.preset", "tiny", "--data.seq_len", "512", "--train.batch_tokens", "4096"])
+    assert (hp.model.local_window, hp.model.global_window) == (128, 512)
+    assert trainer.windows_at(0, hp.train, 512) == (128, 512) and trainer.windows_at(0, hp.train) == (128, 1024)
+    hp = trainer.parse_args(base_args(shards, "w") + ["--train.global_window_start", "1024", "--train.global_window_end", "8192"])
+    model = KBERT(hp.model)
+    batch, first = trainer.PackedLoader(sorted(map(str, shards.glob("syn_train_*.bin"))), 128).next_batch(2)
+    out = trainer.train_step(model, trainer.build_optimizer(model, hp.train), trainer.make_forward(model, compile=False), batch,
+                             first, 0, hp.train, common.Dist(0, 0, 1, torch.device("cpu")))
+    assert out["windows"] == (32, 128) and hp.model.global_window == 128
+
+
+def test_the_card_has_no_blimp_line_the_trainer_cannot_fill():
+    """The pretraining card once carried '- BLiMP: not measured', which trainer.py never fills:
+    it now says how to measure it instead."""
+    hp = trainer.parse_args(["--model.preset", "tiny"])
+    card = trainer.model_card(hp, KBERT(hp.model).param_counts(), 1000, {"loss": 5.0, "acc": 0.2}, "trainer.py", "exports/x")
+    assert "- BLiMP" not in card and "validation loss: 5.0000" in card
+    assert "To score it on BLiMP: `python finetuner.py --task blimp --train.base_model exports/x`" in card
+
+
+def test_metrics_json_sums_flops_and_tokens_over_a_resumed_run(shards, monkeypatch):
+    """exports/<run_id>/metrics.json: the final validation, real tokens, FLOPs (training_flops of
+    every step, counted on across a resume), times, config and export path; a run stopped at
+    step 1 and resumed gives the uninterrupted run's tokens and FLOPs."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256", "--train.save_every", "0"]
+    whole = trainer.main(base_args(shards, "m2", steps=2) + small)
+    m = json.load(open(shards / "ex" / "m2" / "metrics.json"))
+    assert m["export"] == whole["export"] and m["val_loss"] == whole["val"]["loss"] and m["val_acc"] == whole["val"]["acc"]
+    assert m["real_tokens"] == whole["tokens_seen"] == 512 and m["flops"] == whole["flops"] and m["steps"] == 2
+    assert m["config"]["train"]["steps"] == 2 and m["log"] == "logs/m2.txt" and 0 < m["train_time_s"] <= m["wall_time_s"]
+    hp = trainer.parse_args(base_args(shards, "m2", steps=2) + small)  # the reference count: the same two batches
+    loader, ref = trainer.PackedLoader(sorted(map(str, shards.glob("syn_train_*.bin"))), 128), 0.0
+    for step in range(2):
+        batch, first = loader.next_batch(2)
+        _, labels = trainer.mask_tokens(torch.from_numpy(batch).long(), first, 0, *trainer.masking_at(step, hp.train))
+        ref += trainer.step_flops(hp.model, batch, int((labels >= 0).sum()), trainer.windows_at(step, hp.train, 128))
+    assert m["flops"] == ref
+    trainer.main(base_args(shards, "m1", steps=1) + small)
+    trainer.main(base_args(shards, "m1", steps=2) + small + ["--train.resume", "auto"])
+    m1 = json.load(open(shards / "ex" / "m1" / "metrics.json"))
+    assert (m1["real_tokens"], m1["flops"], m1["val_loss"]) == (m["real_tokens"], m["flops"], m["val_loss"])
+
+
 def test_rank_chunks_deal_every_row_once():
     for n_rows, micro, world in ((8, 2, 1), (8, 2, 2), (5, 2, 2), (1, 2, 2), (24, 8, 8), (7, 3, 4)):
         chunks = [trainer.rank_chunks(n_rows, micro, world, r) for r in range(world)]
@@ -498,7 +547,7 @@ def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = trainer.main(base_args(shards, "exp", steps=2) + ["--train.val_every", "0"])
     folder = out["export"]
-    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "hf_kbert.py", "model.py", "model.safetensors",
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "hf_kbert.py", "metrics.json", "model.py", "model.safetensors",
                                           "tokenizer.json", "tokenizer_config.json"]  # a Hugging Face folder (tests/test_export.py)
     card = open(os.path.join(folder, "README.md")).read()
     assert "tokens seen: 2,048" in card and "validation loss" in card and "trust_remote_code=True" in card
