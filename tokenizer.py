@@ -10,6 +10,7 @@ added after it and the embedding is padded to 50,304 rows (a multiple of 128):
     50259 [PAD]   padding; never attended by real tokens (it forms its own "document")
 """
 import functools
+import json
 import os
 import shutil
 
@@ -188,3 +189,10 @@ def save_hf_tokenizer(folder: str, model_max_length: int) -> None:
         clean_up_tokenization_spaces=False)
     assert [hf.convert_tokens_to_ids(n) for n in names] == list(names.values()), "special token ids moved"
     hf.save_pretrained(folder)
+    # transformers 5 records its own name for the class, TokenizersBackend, which transformers 4 does not know: name
+    # the plain fast tokenizer that both load (4 then reads no config.json, so it asks nothing about remote code)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
