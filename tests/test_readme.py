@@ -67,3 +67,19 @@ def test_gitignore_keeps_downloads_out_and_records_logs_in():
              "records/2026-11-29-cpu-compare/logs/kbert.txt": False}
     r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
     assert {p: p in r.stdout.splitlines() for p in paths} == paths
+
+
+def test_quoted_log_lines_are_verbatim_from_the_linked_records():
+    """Every run output line README quotes (step, validation, checkpoint, export lines) is in
+    the log of a record README links to, character for character (once the step:50 line said
+    train_time:64926ms where the demo's log has 60358ms)."""
+    records = {os.path.dirname(link) for link in re.findall(r"\]\((records/[^)#]+)\)", README)}
+    logs = "".join(open(os.path.join(ROOT, r, name)).read() for r in sorted(records)
+                   for name in os.listdir(os.path.join(ROOT, r)) if name.endswith((".log", ".txt")))
+    quoted, fenced = [], False
+    for line in README.splitlines():
+        fenced ^= line.startswith("```")
+        if fenced and re.match(r"(step:\d+|exported |next: )", line):
+            quoted.append(line)
+    assert len(quoted) >= 6
+    assert [line for line in quoted if line not in logs.splitlines()] == []
