@@ -809,8 +809,10 @@ def run(argv: list[str]) -> dict:
     run_id = common.agree(t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert")), d)
     log = common.RunLog(run_id, d.master)
     ckpt_dir, export_dir = os.path.join(t.checkpoint_dir, run_id), os.path.join(t.export_dir, run_id)
-    if resume_state is not None and resume_state["step"] == t.steps and os.path.isfile(os.path.join(export_dir, "config.json")):
-        # a re-queued job whose run is done: its last checkpoint is the final step and the export was written
+    # a re-queued job whose run is done: its last checkpoint is the final step and the export was written (rank 0 looks)
+    finished = resume_state is not None and resume_state["step"] == t.steps and common.agree(
+        os.path.isfile(os.path.join(export_dir, "config.json")) if d.master else None, d)
+    if finished:
         if d.master:
             print(f"run {run_id} is finished: step {t.steps} of {t.steps}, exported to {export_dir}; nothing to do "
                   f"(give --train.steps above {t.steps} to train on)")
