@@ -32,6 +32,96 @@ import torch.distributed as dist
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
+def opt(default, allowed: str = "", **kwargs):
+    """A config field with the values it allows, declared beside it and shown by --help:
+
+        steps: int = opt(18_700, ">= 1")  # what the field is for
+        precision: str = opt("auto", "auto, bf16 or fp32")
+        adam_betas: str = opt("0.8,0.95", "2 numbers in [0, 1)")
+
+    `allowed` is read by allows(): alternatives joined by "," or "or" (a value passes one of
+    them), conditions joined by "and" (it passes all). An alternative is a bound (">= 1",
+    "> 0", "<= 1", "< 1"), an interval ("in [0, 1)"), "a multiple of 128", "K numbers in
+    [a, b)" (comma-separated), one of the named forms in NAMED, a literal ("auto", "0") or a
+    pattern with N for digits ("cuda:N"). Without dataclasses (model.py), write the same as
+    field(default=..., metadata={"allowed": "..."})."""
+    return dataclasses.field(default=default, metadata={"allowed": allowed}, **kwargs)
+
+
+NAMED = {"empty": lambda v: v == "", "non-empty": lambda v: bool(str(v).strip()),
+         "a file name": lambda v: re.fullmatch(r"\w[\w.-]*", v) is not None,
+         "USER/NAME": lambda v: re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None}
+
+
+def _split(spec: str, seps: str) -> list[str]:
+    """spec cut at the separators (a regex) that lie outside brackets."""
+    parts, depth, start = [], 0, 0
+    for m in re.finditer(rf"[\[\]()]|{seps}", spec):
+        if m[0] in "[(":
+            depth += 1
+        elif m[0] in "])":
+            depth -= 1
+        elif depth == 0:
+            parts.append(spec[start:m.start()])
+            start = m.end()
+    return parts + [spec[start:]]
+
+
+def _in_interval(x: float, interval: str) -> bool:
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
+
+
+def _passes(value, alt: str) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if m := re.fullmatch(r"(>=|>|<=|<) (\S+)", alt):
+        limit = float(m[2])
+        return number and {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[m[1]]
+    if m := re.fullmatch(r"in ([\[(].*[\])])", alt):
+        return number and _in_interval(value, m[1])
+    if m := re.fullmatch(r"a multiple of (\d+)", alt):
+        return number and value % int(m[1]) == 0
+    if m := re.fullmatch(r"(\d+) numbers in ([\[(].*[\])])", alt):
+        try:
+            xs = [float(x) for x in str(value).split(",")]
+        except ValueError:
+            return False
+        return len(xs) == int(m[1]) and all(_in_interval(x, m[2]) for x in xs)
+    if alt in NAMED:
+        return isinstance(value, str) and NAMED[alt](value)
+    if number:
+        try:
+            return value == float(alt)
+        except ValueError:
+            return False
+    return re.fullmatch(re.escape(alt).replace("N", r"\d+"), str(value)) is not None
+
+
+def allows(spec: str, value) -> bool:
+    """Whether `value` is one that an opt() field declaring `spec` allows (opt's grammar)."""
+    return all(any(_passes(value, alt.strip()) for alt in _split(cond, r", | or "))
+               for cond in _split(spec, r" and "))
+
+
+def allowed_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("allowed", "")
+
+
+def check_value(key: str, value, f: dataclasses.Field) -> None:
+    """One line (SystemExit) when value is not one the field allows."""
+    spec = allowed_of(f)
+    if spec and not allows(spec, value):
+        raise SystemExit(f"--{key} must be {spec}, got {value!r}")
+
+
+def check_config(cfg, group: str) -> None:
+    """Every field of a config dataclass instance against what it allows (opt): a script calls
+    it on each of its config groups before it writes anything; the first bad value exits in
+    one line naming the option, e.g. `--train.steps must be >= 1, got 0`."""
+    for f in dataclasses.fields(cfg):
+        check_value(f"{group}.{f.name}", getattr(cfg, f.name), f)
+
+
 def _convert(value: str, typ, key: str):
     if typ is bool:  # argparse's type=bool would turn "False" into True
         if value.lower() in _TRUE:
@@ -87,7 +177,8 @@ def help_text(groups: dict, hidden: tuple = (), flags: dict | None = None, usage
             if not f.init or f"{g}.{f.name}" in hidden:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"  --{g}.{f.name} {getattr(hints[f.name], '__name__', hints[f.name])} (default: {default!r})")
+            allowed = f"{allowed_of(f)}; " if allowed_of(f) else ""
+            out.append(f"  --{g}.{f.name} {getattr(hints[f.name], '__name__', hints[f.name])} ({allowed}default: {default!r})")
             if docs.get(f.name):
                 out.append(textwrap.fill(docs[f.name], width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
         out.append("")
@@ -101,7 +192,8 @@ def parse_overrides(argv: list[str], groups: dict, flags: dict | None = None, hi
     """argv like ["--train.lr", "3e-4", "--model.preset=small", "--demo"] -> ({group: {key:
     typed value}}, {flags given}). groups maps a name to its dataclass; flags maps a bare flag
     to its description. --help prints every option (hidden ones left out) and exits 0; an
-    unknown key or a bad value exits with one line that suggests the nearest option."""
+    unknown key, a value of the wrong type or one its field does not allow (opt) exits with one
+    line; an unknown key's line suggests the nearest option."""
     flags = flags or {}
     if "--help" in argv or "-h" in argv:
         print(help_text(groups, hidden, flags, usage), end="")
@@ -132,6 +224,7 @@ def parse_overrides(argv: list[str], groups: dict, flags: dict | None = None, hi
             value = argv[i + 1]
             i += 1
         out[group][name] = _convert(value, hints[name], key)
+        check_value(key, out[group][name], next(f for f in dataclasses.fields(groups[group]) if f.name == name))
         i += 1
     return out, given
 

@@ -46,22 +46,31 @@ PRESETS = {
 
 @dataclass
 class ModelConfig:
-    preset: str = "base"  # fills n_layer, d_model, n_head, d_mlp when those are 0
-    n_layer: int = 0  # transformer blocks
-    d_model: int = 0  # width of the residual stream
-    n_head: int = 0  # attention heads (d_model / n_head must be divisible by 4)
-    d_mlp: int = 0  # hidden width of the ReLU^2 MLP
-    vocab_size: int = 50304  # GPT-2's 50,257 + [MASK] [SEP] [PAD], padded to 128
-    local_window: int = 128  # default sliding window (tokens) of local layers
-    global_window: int = 8192  # default window of global layers
-    global_every: int = 3  # every 3rd layer (and the last) is global, as in ModernBERT
-    rope_base: float = 1024.0  # modded-nanogpt's base; half the head dims are not rotated
-    attn_scale: float = 0.12  # QK-normed logits are scaled by this (modded-nanogpt), not 1/sqrt(d)
-    softcap: float = 15.0  # tanh cap on MLM logits (Gemma 2 / modded-nanogpt); 0 disables
+    # fills n_layer, d_model, n_head, d_mlp when those are 0
+    preset: str = field(default="base", metadata={"allowed": "tiny, small, base or large"})
+    n_layer: int = field(default=0, metadata={"allowed": ">= 0"})  # transformer blocks
+    d_model: int = field(default=0, metadata={"allowed": ">= 0"})  # width of the residual stream
+    # attention heads (d_model / n_head must be divisible by 4)
+    n_head: int = field(default=0, metadata={"allowed": ">= 0"})
+    d_mlp: int = field(default=0, metadata={"allowed": ">= 0"})  # hidden width of the ReLU^2 MLP
+    # GPT-2's 50,257 + [MASK] [SEP] [PAD], padded to 128
+    vocab_size: int = field(default=50304, metadata={"allowed": ">= 50260"})
+    # default sliding window (tokens) of local layers
+    local_window: int = field(default=128, metadata={"allowed": ">= 1"})
+    global_window: int = field(default=8192, metadata={"allowed": ">= 1"})  # default window of global layers
+    # every 3rd layer (and the last) is global, as in ModernBERT
+    global_every: int = field(default=3, metadata={"allowed": ">= 1"})
+    # modded-nanogpt's base; half the head dims are not rotated
+    rope_base: float = field(default=1024.0, metadata={"allowed": "> 0"})
+    # QK-normed logits are scaled by this (modded-nanogpt), not 1/sqrt(d)
+    attn_scale: float = field(default=0.12, metadata={"allowed": "> 0"})
+    # tanh cap on MLM logits (Gemma 2 / modded-nanogpt); 0 disables
+    softcap: float = field(default=15.0, metadata={"allowed": ">= 0"})
     tie_embeddings: bool = True  # MLM head reuses the token embedding matrix
     unet_skips: bool = True  # layer i of the second half adds a gated copy of layer n-1-i's input
     value_residual: bool = True  # mix every layer's values with the first layer's (ResFormer)
-    dropout: float = 0.0  # on attention/MLP outputs; 0 for pretraining, ~0.1 for finetuning
+    # on attention/MLP outputs; 0 for pretraining, ~0.1 for finetuning
+    dropout: float = field(default=0.0, metadata={"allowed": "in [0, 1)"})
     # Under bf16 autocast the residual stream (embedding output, block sums, U-net skips) stays
     # fp32 by default. False carries it in bf16 as modded-nanogpt does: the norms, mixes and
     # residual adds, memory-bound kernels, then move half the bytes. No effect without autocast.

@@ -10,6 +10,7 @@ added after it and the embedding is padded to 50,304 rows (a multiple of 128):
     50259 [PAD]   padding; never attended by real tokens (it forms its own "document")
 """
 import functools
+import json
 import os
 import shutil
 
@@ -42,6 +43,19 @@ def install_offline_bpe(src_dir: str, cache_dir: str) -> None:
             shutil.copyfile(src, dst)
 
 
+BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # where tiktoken downloads them from
+
+
+def missing_bpe_message(error: Exception) -> str:
+    """One line: why GPT-2's BPE files could not be loaded and how to install them offline."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "tiktoken's default cache (TIKTOKEN_CACHE_DIR is not set)"
+    why = " ".join(f"{type(error).__name__}: {error}".split())[:160]
+    return (f"cannot load GPT-2's BPE files: they are not in {cache} and tiktoken could not download them ({why}). "
+            f"Get vocab.bpe and encoder.json from {BPE_URL} (or copy them from a machine that has them) into a folder DIR, "
+            "then run `python -c \"import tokenizer; tokenizer.install_offline_bpe('DIR', '.cache/tiktoken')\"` in the repo "
+            "and `export TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken` (README: Quick start)")
+
+
 class Tokenizer:
     """Encodes text for KBERT: single texts `[CLS] a [SEP]`, pairs `[CLS] a [SEP] b [SEP]`,
     batches, decoding, and per-token character offsets for span extraction."""
@@ -50,12 +64,7 @@ class Tokenizer:
         try:
             self.bpe = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises requests/urllib errors of many kinds
-            raise RuntimeError(
-                f"cannot load GPT-2's BPE files ({type(e).__name__}: {e}). tiktoken downloads them (network access) "
-                "or reads them from the folder named by TIKTOKEN_CACHE_DIR. Offline: with GPT-2's vocab.bpe and "
-                "encoder.json in SRC_DIR, run `python -c \"import tokenizer; tokenizer.install_offline_bpe('SRC_DIR', "
-                "'CACHE_DIR')\"` from the repo root and set TIKTOKEN_CACHE_DIR=CACHE_DIR"
-            ) from None
+            raise RuntimeError(missing_bpe_message(e)) from None
         assert self.bpe.n_vocab == CLS_ID + 1, self.bpe.n_vocab
         self.vocab_size = VOCAB_SIZE
 
@@ -180,3 +189,10 @@ def save_hf_tokenizer(folder: str, model_max_length: int) -> None:
         clean_up_tokenization_spaces=False)
     assert [hf.convert_tokens_to_ids(n) for n in names] == list(names.values()), "special token ids moved"
     hf.save_pretrained(folder)
+    # transformers 5 records its own name for the class, TokenizersBackend, which transformers 4 does not know: name
+    # the plain fast tokenizer that both load (4 then reads no config.json, so it asks nothing about remote code)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)

@@ -16,15 +16,21 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
+if __name__ == "__main__":  # a Ctrl-C while torch loads (seconds): one line, not an import traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("stopped by SIGINT while loading", file=sys.stderr), os._exit(130)))
+
 import numpy as np
 import torch
 
 import common
+from common import opt
 from data.shards import ShardError, open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, N_TARGETS, PAD_ID, SEP_ID, ModelConfig, document_ids
 from optimizer import MuonAdamW
@@ -35,82 +41,86 @@ from optimizer import MuonAdamW
 
 @dataclass
 class TrainConfig:
-    run_id: str = ""  # logs/<run_id>.txt, checkpoints/<run_id>/, exports/<run_id>; empty: kbert-<date>-<time>-<random>
-    seed: int = 0  # model init and MLM masks (masks are keyed to data positions, not ranks)
-    steps: int = 18_700  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
-    batch_tokens: int = 524_288  # global tokens per step (64 x 8192), fixed whatever the world size
-    micro_batch_seqs: int = 8  # sequences per forward/backward on one device; grad accumulation is derived
+    # logs/<run_id>.txt, checkpoints/<run_id>/, exports/<run_id>; empty: kbert-<date>-<time>-<random>
+    run_id: str = opt("", "empty or a file name")
+    seed: int = opt(0, ">= 0")  # model init and MLM masks (masks are keyed to data positions, not ranks)
+    steps: int = opt(18_700, ">= 1")  # 18,700 x 524,288 tokens ~ 9.8B: one epoch of FineWeb-EDU 10B
+    batch_tokens: int = opt(524_288, ">= 1")  # global tokens per step (64 x 8192), fixed whatever the world size
+    micro_batch_seqs: int = opt(8, ">= 1")  # sequences per forward/backward on one device; grad accumulation is derived
     # >0: batch-size warm-up, linear from this to batch_tokens (whole sequences, the same for any world size) ...
-    batch_tokens_start: int = 0
-    batch_warmup_frac: float = 0.0  # ... over this fraction of the steps
-    lr_muon: float = 0.02  # hidden matrices (Muon); Keller Jordan's default scale
+    batch_tokens_start: int = opt(0, ">= 0")
+    batch_warmup_frac: float = opt(0.0, "in [0, 1]")  # ... over this fraction of the steps
+    lr_muon: float = opt(0.02, ">= 0")  # hidden matrices (Muon); Keller Jordan's default scale
     # token embedding = tied MLM head (AdamW). Adam moves each row ~lr per coordinate per step, so
     # logits move ~lr*d_model nats a step: 0.01 cost ~1 nat of loss in paired CPU runs (untied
     # too) and pulled the tied rows toward one direction (docs/studies.md). 0.002*768 is
     # close to the demo's 0.03*64.
-    lr_embed: float = 0.002
-    lr_scalar: float = 0.01  # gains, residual mixes, skip weights (AdamW)
-    weight_decay: float = 0.0  # decoupled, on hidden matrices only
-    adam_betas: str = "0.8,0.95"  # modded-nanogpt's betas for embeddings and scalars
-    warmup_frac: float = 0.01  # linear lr warm-up
-    cooldown_frac: float = 0.3  # linear decay to 0 over the last 30% (warmup-stable-decay)
-    muon_momentum_start: float = 0.85  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
-    muon_momentum_end: float = 0.95  # reached after muon_momentum_warmup_steps
-    muon_momentum_warmup_steps: int = 300  # steps of the momentum warm-up
-    mask_rate_start: float = 0.30  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
-    mask_rate_end: float = 0.15  # ... down to BERT's 0.15
-    random_frac_start: float = 0.10  # of the predicted tokens: replaced by a random token ...
-    random_frac_end: float = 0.02  # ... down to this
-    keep_frac_start: float = 0.10  # ... or left unchanged; the rest become [MASK]
-    keep_frac_end: float = 0.02  # ... down to this
-    local_window_start: int = 128  # sliding window of local layers (tokens), start -> end ...
-    local_window_end: int = 128  # the exported model's local window
-    global_window_start: int = 1024  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
-    global_window_end: int = 8192  # the exported model's global window
-    window_grow_frac: float = 0.5  # windows reach their end values at this fraction of training
-    val_every: int = 500  # steps between validations (and at the end)
-    val_tokens: int = 4_194_304  # fixed validation budget, same masks every time
-    save_every: int = 2000  # steps between checkpoints (and at the end); 0: only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept per run
-    checkpoint_dir: str = "checkpoints"  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
+    lr_embed: float = opt(0.002, ">= 0")
+    lr_scalar: float = opt(0.01, ">= 0")  # gains, residual mixes, skip weights (AdamW)
+    weight_decay: float = opt(0.0, ">= 0")  # decoupled, on hidden matrices only
+    adam_betas: str = opt("0.8,0.95", "2 numbers in [0, 1)")  # modded-nanogpt's betas for embeddings and scalars
+    warmup_frac: float = opt(0.01, "in [0, 1]")  # linear lr warm-up
+    cooldown_frac: float = opt(0.3, "in [0, 1]")  # linear decay to 0 over the last 30% (warmup-stable-decay)
+    muon_momentum_start: float = opt(0.85, "in [0, 1)")  # Muon momentum warms up 0.85 -> 0.95 (modded-nanogpt)
+    muon_momentum_end: float = opt(0.95, "in [0, 1)")  # reached after muon_momentum_warmup_steps
+    muon_momentum_warmup_steps: int = opt(300, ">= 0")  # steps of the momentum warm-up
+    mask_rate_start: float = opt(0.30, "in (0, 1)")  # fraction of tokens predicted, scheduled linearly (ModernBERT: 0.30) ...
+    mask_rate_end: float = opt(0.15, "in (0, 1)")  # ... down to BERT's 0.15
+    random_frac_start: float = opt(0.10, "in [0, 1]")  # of the predicted tokens: replaced by a random token ...
+    random_frac_end: float = opt(0.02, "in [0, 1]")  # ... down to this
+    keep_frac_start: float = opt(0.10, "in [0, 1]")  # ... or left unchanged; the rest become [MASK]
+    keep_frac_end: float = opt(0.02, "in [0, 1]")  # ... down to this
+    local_window_start: int = opt(128, ">= 1")  # sliding window of local layers (tokens), start -> end ...
+    local_window_end: int = opt(128, ">= 1")  # the exported model's local window
+    global_window_start: int = opt(1024, ">= 1")  # ... and of global layers (lapp0/kbert grew 1024 -> 8192)
+    global_window_end: int = opt(8192, ">= 1")  # the exported model's global window
+    window_grow_frac: float = opt(0.5, "in [0, 1]")  # windows reach their end values at this fraction of training
+    val_every: int = opt(500, ">= 0")  # steps between validations (and at the end)
+    val_tokens: int = opt(4_194_304, ">= 1")  # fixed validation budget, same masks every time
+    save_every: int = opt(2000, ">= 0")  # steps between checkpoints (and at the end); 0: only at the end
+    keep_checkpoints: int = opt(2, ">= 1")  # newest checkpoints kept per run
+    checkpoint_dir: str = opt("checkpoints", "non-empty")  # checkpoints go to checkpoint_dir/<run_id>/step_NNNNNNN.pt
     # a checkpoint file or a checkpoint folder (its newest good file), or "auto": the newest good checkpoint of
     # --train.run_id if it has one, else that run starts fresh, so one command can be re-queued after any
     # interruption. The run continues with the checkpoint's config; options given on the command line override
-    # it (the log lists what changed)
+    # it (the log lists what changed). Read before the other options, by load_checkpoint, which checks it
     resume: str = ""
     # also save when this many minutes passed since the last save, by rank 0's clock (0: off). A crash that
     # sends no signal (a lost node, an OOM kill) then costs at most this much work, for a checkpoint of base
     # that took 4 s to write (1.34 GB on a 2-core CPU, records/2026-11-29-checkpoint-base): ~0.2% of 30 minutes
-    save_every_minutes: float = 30.0
+    save_every_minutes: float = opt(30.0, ">= 0")
     # a bad step: a non-finite loss or gradient, or a loss spike (spike_factor). "stop": stop there, keeping the
     # last good checkpoint; "rollback": reload the last good checkpoint, skip the data trained on since it (up
     # to and including the bad step's batch: the stream moves on, nothing is re-read) and go on
-    on_bad_step: str = "stop"
-    spike_factor: float = 0.0  # a loss above this x the median of the last spike_window losses is bad; 0: off
-    spike_window: int = 100  # losses in that median; spikes are looked for once there are that many
-    max_rollbacks: int = 3  # rollbacks per run (counted across resumes); one bad step more stops the run
-    export_dir: str = "exports"  # Hub-format folder written at the end: exports/<run_id>
-    hf_repo: str = ""  # push the export to this Hub model repo (e.g. USER/kbert-base)
+    on_bad_step: str = opt("stop", "stop or rollback")
+    spike_factor: float = opt(0.0, "0 or > 1")  # a loss above this x the median of the last spike_window losses is bad; 0: off
+    spike_window: int = opt(100, ">= 1")  # losses in that median; spikes are looked for once there are that many
+    max_rollbacks: int = opt(3, ">= 0")  # rollbacks per run (counted across resumes); one bad step more stops the run
+    export_dir: str = opt("exports", "non-empty")  # Hub-format folder written at the end: exports/<run_id>
+    hf_repo: str = opt("", "empty or USER/NAME")  # push the export to this Hub model repo (e.g. USER/kbert-base)
     # torch.compile of the model: "auto" compiles on CUDA, and on CPU for runs of at least 1,000 steps, where
     # the compile (about 20-30 s on 2 cores) is paid back (the 300-step demo is faster eager:
     # records/2026-12-05-cpu-speed); "true" / "false" force it
-    compile: str = "auto"
+    compile: str = opt("auto", "auto, true or false")
     # "bf16": bf16 autocast over fp32 weights and Muon's orthogonalisation in bf16; "fp32": neither
     # (a numerics reference, e.g. to tell a precision problem from an optimisation one);
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), where it holds the fp32 loss curve
     # (records/2026-12-05-cpu-speed), fp32 on other CPUs
-    precision: str = "auto"
-    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    precision: str = opt("auto", "auto, bf16 or fp32")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")  # auto: cuda if available
     overwrite: bool = False  # reuse an existing run id, writing over its log, checkpoints and export
-    log_every: int = 1  # steps between step lines in the log
+    log_every: int = opt(1, ">= 1")  # steps between step lines in the log
 
 
 @dataclass
 class DataConfig:
-    source: str = "files"  # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
-    train_files: str = "data/fineweb_edu/finewebedu_train_*.bin"  # glob of token shards (data/download_fineweb_edu.py)
-    val_files: str = "data/fineweb_edu/finewebedu_val_*.bin"  # glob of validation shards, disjoint from training
-    seq_len: int = 8192  # packed sequence length (multiple of 128 for FlexAttention)
+    # "files": the globs below; "pydoc": the embedded demo corpus (built on first use)
+    source: str = opt("files", "files or pydoc")
+    # glob of token shards (data/download_fineweb_edu.py, data/tokenize_text.py)
+    train_files: str = opt("data/fineweb_edu/finewebedu_train_*.bin", "non-empty")
+    # glob of validation shards, disjoint from training
+    val_files: str = opt("data/fineweb_edu/finewebedu_val_*.bin", "non-empty")
+    seq_len: int = opt(8192, "> 0 and a multiple of 128")  # packed sequence length (multiple of 128 for FlexAttention)
     # end every document with [SEP] (in training and validation rows), as BERT and ModernBERT do: finetuning pairs
     # and BLiMP inputs hold [SEP], whose embedding rows without it never train (bench/frontier.py's kbert-sep arm)
     sep_at_end: bool = False
@@ -165,48 +175,26 @@ def parse_args(argv: list[str], saved: dict | None = None) -> Hyperparameters:
             groups[name] = cls(**kwargs)
         except ValueError as e:
             raise SystemExit(f"--{name}.*: {e}") from None
+        common.check_config(groups[name], name)  # the defaults, --demo's and a checkpoint's values too
     hp = Hyperparameters(**groups)
     check(hp)
     ignored = [k for k in ("train_files", "val_files") if k in overrides["data"]]
     if hp.data.source == "pydoc" and ignored:
         raise SystemExit(f"--data.{ignored[0]} does not apply to --data.source pydoc (the demo's corpus): "
                          "add --data.source files to train on your shards")
-    hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train)
+    hp.model.local_window, hp.model.global_window = windows_at(hp.train.steps, hp.train, hp.data.seq_len)
     if hp.data.source == "pydoc":
         hp.data.train_files, hp.data.val_files = PYDOC_FILES
     return hp
 
 
 def check(hp: Hyperparameters):
+    """What one field's declared range (opt) cannot say: the checks across fields and the device."""
     t, d = hp.train, hp.data
-    if d.seq_len % 128:
-        raise SystemExit(f"--data.seq_len {d.seq_len} must be a multiple of 128")
     if t.batch_tokens % d.seq_len:
         raise SystemExit(f"--train.batch_tokens {t.batch_tokens} must be a multiple of --data.seq_len {d.seq_len}")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--train.precision must be auto, bf16 or fp32, got {t.precision!r}")
-    if t.compile not in ("auto", "true", "false"):
-        raise SystemExit(f"--train.compile must be auto, true or false, got {t.compile!r}")
-    if d.source not in ("files", "pydoc"):
-        raise SystemExit(f"--data.source must be 'files' or 'pydoc', got {d.source!r}")
-    for name in ("local_window_start", "local_window_end", "global_window_start", "global_window_end"):
-        if getattr(t, name) < 1:
-            raise SystemExit(f"--train.{name} must be >= 1")
-    for name in ("mask_rate_start", "mask_rate_end"):
-        if not 0 < getattr(t, name) < 1:
-            raise SystemExit(f"--train.{name} must be in (0, 1)")
     if t.random_frac_start + t.keep_frac_start > 1 or t.random_frac_end + t.keep_frac_end > 1:
         raise SystemExit("--train.random_frac_* + --train.keep_frac_* must not exceed 1")
-    if t.steps < 1:
-        raise SystemExit("--train.steps must be >= 1")
-    if t.micro_batch_seqs < 1:
-        raise SystemExit("--train.micro_batch_seqs must be >= 1")
-    if t.on_bad_step not in ("stop", "rollback"):
-        raise SystemExit(f"--train.on_bad_step must be stop or rollback, got {t.on_bad_step!r}")
-    if t.spike_factor and t.spike_factor <= 1:
-        raise SystemExit(f"--train.spike_factor {t.spike_factor:g} would flag ordinary steps: give a factor above 1, or 0 (off)")
-    if t.spike_window < 1 or t.max_rollbacks < 0 or t.save_every_minutes < 0:
-        raise SystemExit("--train.spike_window must be >= 1, --train.max_rollbacks and --train.save_every_minutes >= 0")
     common.check_device(t.device)
 
 
@@ -224,7 +212,9 @@ def config_changes(saved: dict, hp: Hyperparameters) -> list[str]:
 def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
     """The demo's embedded default: the pydoc topic pages and the module docstrings of the
     standard library that ship with every Python, tokenized once into train/val shards.
-    A document goes to validation by a hash of its text, so the splits never overlap."""
+    A document goes to validation by a hash of its text, so the splits never overlap. The
+    shards are written into folder.tmp<pid>, renamed to folder when both are complete: an
+    interrupted build leaves nothing that looks like a corpus."""
     if glob.glob(os.path.join(folder, "pydoc_train_*.bin")) and glob.glob(os.path.join(folder, "pydoc_val_*.bin")):
         return
     import ast
@@ -234,6 +224,11 @@ def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
 
     from tokenizer import Tokenizer
 
+    try:
+        tok = Tokenizer()  # first: without GPT-2's BPE files nothing else is worth doing
+    except RuntimeError as e:
+        raise SystemExit(f"the demo corpus needs GPT-2's tokenizer: {e}") from None
+    print(f"building the demo corpus in {folder} (first use: the Python docs that ship with Python, ~20 s)", flush=True)
     texts = [t for _, t in sorted(pydoc_data.topics.topics.items())]
     stdlib = sysconfig.get_paths()["stdlib"]
     for path in sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py"))):
@@ -248,18 +243,31 @@ def build_pydoc_corpus(folder: str, val_permille: int = 50) -> None:
         if len(text) > 200:
             texts.append(text)
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]  # mix topics and modules
-    tok = Tokenizer()
     split = {"train": [], "val": []}
     for text, ids in zip(texts, tok.encode_documents(texts)):
         h = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1000
         split["val" if h < val_permille else "train"].append(np.array(ids, dtype=np.uint16))
-    os.makedirs(folder, exist_ok=True)
-    write_shard(os.path.join(folder, "pydoc_val_000000.bin"), np.concatenate(split["val"]))
-    write_shard(os.path.join(folder, "pydoc_train_000001.bin"), np.concatenate(split["train"]))
+    tmp = f"{folder.rstrip('/')}.tmp{os.getpid()}"
+    for stale in glob.glob(f"{folder.rstrip('/')}.tmp*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        write_shard(os.path.join(tmp, "pydoc_val_000000.bin"), np.concatenate(split["val"]))
+        write_shard(os.path.join(tmp, "pydoc_train_000001.bin"), np.concatenate(split["train"]))
+        if os.path.isdir(folder):  # an incomplete corpus (one split only)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shard_files(pattern: str, what: str) -> list[str]:
     files = sorted(glob.glob(pattern))
+    if not files and what == "validation":
+        raise SystemExit(f"no validation shards match {pattern!r}. data/tokenize_text.py writes PREFIX_val_*.bin from "
+                         "the documents whose hash falls under its --val-permille (and from at least one of 2 or more "
+                         "documents): rerun it with --restart (and a larger --val-permille) and point --data.val_files at "
+                         "PREFIX_val_*.bin, or download FineWeb-EDU's with `python data/download_fineweb_edu.py`.")
     if not files:
         raise SystemExit(f"no {what} shards match {pattern!r}. Download FineWeb-EDU with "
                          "`python data/download_fineweb_edu.py`, tokenize your own text with data/tokenize_text.py "
@@ -533,13 +541,15 @@ def lr_multiplier(step: int, t: TrainConfig) -> float:
     return 1.0
 
 
-def windows_at(step: int, t: TrainConfig) -> tuple[int, int]:
-    """Local and global windows, grown linearly and rounded up to 128-token blocks."""
+def windows_at(step: int, t: TrainConfig, seq_len: int | None = None) -> tuple[int, int]:
+    """Local and global windows, grown linearly and rounded up to 128-token blocks, at most
+    seq_len (a window past the sequence attends to nothing more)."""
     frac = step / max(1, t.window_grow_frac * t.steps)
 
     def grow(a, b):
         w = lerp(a, b, frac)
-        return int(math.ceil(w / 128) * 128) if w >= 128 else int(w)
+        w = int(math.ceil(w / 128) * 128) if w >= 128 else int(w)
+        return min(w, seq_len) if seq_len else w
 
     return grow(t.local_window_start, t.local_window_end), grow(t.global_window_start, t.global_window_end)
 
@@ -587,7 +597,8 @@ def save_checkpoint(folder: str, run_id: str, step: int, model, opt, loader, tok
         state["rng_cuda"] = torch.cuda.get_rng_state()
     path = checkpoint_path(folder, step)
     common.atomic_torch_save(state, path)
-    for old in checkpoint_paths(folder)[:-keep]:
+    older = [p for p in checkpoint_paths(folder) if p != path]  # the one just written always stays
+    for old in older[:max(0, len(older) - (keep - 1))]:
         os.remove(old)
     log(f"step:{step} saved checkpoint {path}")
     return path
@@ -621,33 +632,37 @@ def load_checkpoint(path: str, log) -> dict:
     raise SystemExit(f"--train.resume {path!r}: no loadable checkpoint")
 
 
-def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str, where: str,
-               blimp: dict | None = None) -> str:
+def model_card(hp: Hyperparameters, counts: dict, tokens_seen: int, val: dict | None, command: str, where: str) -> str:
     """The export's README.md: what the model is and how to load it (`where`: its folder or Hub
-    id). blimp: finetuner.run_blimp's metrics, when measured."""
+    id)."""
     val_line = f"{val['loss']:.4f} per predicted token, MLM accuracy {val['acc']:.4f}" if val else "not measured"
-    blimp_line = (f"{100 * blimp['accuracy']:.1f}% (mean over {len(blimp['paradigms'])} paradigms, {blimp['pairs']:,} pairs)"
-                  if blimp else f"not measured (`python finetuner.py --task blimp --train.base_model {where}`)")
     return (f"---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags: [fill-mask, encoder, kbert]\n---\n"
             f"# KBERT ({hp.model.preset})\n\n"
             f"A BERT-style encoder pretrained with masked language modelling by KBERT's trainer.py.\n\n"
             f"- parameters: {counts['total']:,} ({counts['embedding']:,} embedding, {counts['non_embedding']:,} other)\n"
-            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n- BLiMP: {blimp_line}\n"
+            f"- tokens seen: {tokens_seen:,} (not counting [PAD])\n- validation loss: {val_line}\n"
             f"- tokenizer: GPT-2 BPE (tiktoken `gpt2`) + [MASK]=50257 [SEP]=50258 [PAD]=50259, [CLS]=50256\n"
-            f"- command: `{command}`\n\n{common.transformers_usage(where)}\n"
+            f"- command: `{command}`\n\nTo score it on BLiMP: `python finetuner.py --task blimp --train.base_model {where}` "
+            f"(KBERT's repo; the score goes to that run's own metrics.json).\n\n{common.transformers_usage(where)}\n"
             f"In KBERT's repo: `model, config = trainer.load_encoder(\"{where}\")`.\n\n"
             f"## Config\n```json\n{json.dumps(common.config_to_dict(hp), indent=2)}\n```\n")
 
 
-def export(model, hp, tokens_seen, val, run_id, log):
-    """exports/<run_id>: a Hugging Face model folder (common.save_pretrained), pushed to
-    --train.hf_repo if given."""
+def export(model, hp, tokens_seen, val, run_id, log, metrics: dict | None = None):
+    """exports/<run_id>: a Hugging Face model folder (common.save_pretrained) with the run's
+    metrics.json (`metrics` and the folder: final validation loss and accuracy, real tokens,
+    FLOPs, training and wall seconds, the config), pushed to --train.hf_repo if given."""
     folder = os.path.join(hp.train.export_dir, run_id)
     config = {"model": hp.model.to_dict(), "tokens_seen": tokens_seen, "val_loss": val["loss"] if val else None,
               "val_acc": val["acc"] if val else None}
     command = " ".join(["trainer.py"] + sys.argv[1:])
     card = model_card(hp, model.param_counts(), tokens_seen, val, command, hp.train.hf_repo or folder)
     common.save_pretrained(folder, model.state_dict(), config, card, max_len=hp.data.seq_len, log=log)
+    if metrics is not None:
+        path = os.path.join(folder, "metrics.json")
+        with open(path, "w") as f:
+            json.dump({**metrics, "export": folder}, f, indent=2)
+        os.chmod(path, 0o644)
     log(f"exported {folder}")
     if hp.train.hf_repo:
         common.push_to_hub(folder, hp.train.hf_repo, log)
@@ -739,7 +754,7 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
     compiled model sees one shape. votes: a function giving this rank's (stop, save) votes,
     read just before the step's all-reduce; "stop" and "save" in the result count the ranks
     that voted, the same number on every rank. The gradients stay on the parameters after the step."""
-    windows_py = windows_at(step, t)
+    windows_py = windows_at(step, t, batch.shape[1])
     windows = torch.tensor(windows_py, dtype=torch.int32, device=d.device)
     mask_rate, rnd, keep = masking_at(step, t)
     lrs = set_schedules(opt, step, t)
@@ -783,13 +798,27 @@ def train_step(model: KBERT, opt: MuonAdamW, forward, batch: np.ndarray, first: 
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """run(argv), where a Ctrl-C before the training loop (while the demo corpus is built, the
+    shards are scanned, a checkpoint is read) exits 130 in one line instead of a traceback;
+    inside the loop the run stops at the end of a step with a checkpoint (common.StopSignals)."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("stopped by SIGINT before the training loop began: nothing of this run was written; "
+              "run the command again to start it", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def run(argv: list[str]) -> dict:
     """Config, distributed setup, data, the preflight of the output folders and the run's log,
     checked in that order so that bad input fails in one line before anything is written; then
     train(), stopped cleanly by SIGTERM or SIGINT."""
-    argv = sys.argv[1:] if argv is None else argv
     # a resumed run starts from its checkpoint's config: read the checkpoint before the config
+    started = time.monotonic()  # the run's wall time (metrics.json) counts from here
     given = cli(argv)[0]["train"]
     resume = given.get("resume", "")
+    if resume and given.get("overwrite"):
+        raise SystemExit("--train.overwrite true starts the run id afresh and --train.resume continues it: give one of them")
     notes = []  # what loading the checkpoint found, for the run log
     if resume == "auto":
         if not given.get("run_id"):
@@ -809,6 +838,16 @@ def main(argv: list[str] | None = None) -> dict:
     run_id = common.agree(t.run_id or (resume_state["run_id"] if resume_state else common.new_run_id("kbert")), d)
     log = common.RunLog(run_id, d.master)
     ckpt_dir, export_dir = os.path.join(t.checkpoint_dir, run_id), os.path.join(t.export_dir, run_id)
+    # a re-queued job whose run is done: its last checkpoint is the final step and the export was written (rank 0 looks)
+    finished = resume_state is not None and resume_state["step"] == t.steps and common.agree(
+        os.path.isfile(os.path.join(export_dir, "config.json")) if d.master else None, d)
+    if finished:
+        if d.master:
+            print(f"run {run_id} is finished: step {t.steps} of {t.steps}, exported to {export_dir}; nothing to do "
+                  f"(give --train.steps above {t.steps} to train on)")
+        common.cleanup_distributed(d)
+        return {"run_id": run_id, "finished": True, "history": [], "val": None, "export": export_dir, "log": log.path}
+    overwrite = resume_state is None and t.overwrite  # the run id's old log, checkpoints and export go before anything is written
     if resume_state is None and not t.overwrite:
         # auto without a checkpoint: the run was stopped before its first save and has nothing to lose but
         # its log, which is appended to; an export without checkpoints is a finished run: refused
@@ -832,15 +871,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # preflight: the checkpoints (the ones kept + the one being written) and the export fit where they go
     ckpt_bytes, weight_bytes = checkpoint_bytes(hp)
-    n_ckpt = max(2, t.keep_checkpoints + 1 - len(checkpoint_paths(ckpt_dir)))
+    n_ckpt = max(2, t.keep_checkpoints + 1 - (0 if overwrite else len(checkpoint_paths(ckpt_dir))))
     common.preflight([(ckpt_dir, n_ckpt * ckpt_bytes, "--train.checkpoint_dir"),
                       (export_dir, weight_bytes, "--train.export_dir")], d)
+    # --train.overwrite: every check passed, so the old run's files go now, before this run writes anything (its
+    # checkpoints would otherwise be pruned with this run's, and resumed by --train.resume auto)
+    removed = [p for p in (ckpt_dir, export_dir, export_dir + ".tmp", export_dir + ".old") if overwrite and os.path.exists(p)]
+    if d.master:
+        for p in removed:
+            shutil.rmtree(p)
+    if overwrite and d.world > 1:
+        torch.distributed.barrier()
 
     log.header([os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")],
                common.config_to_dict(hp), d.device, append=resume_state is not None or t.resume == "auto")
     log(f"run {run_id}: world {d.world}, device {d.device}, log {log.path}")
     for note in notes:
         log(note)
+    if overwrite:
+        log(f"--train.overwrite: a new run {run_id}" + (f"; removed the earlier run's {', '.join(removed)}" if removed else ""))
     if resume_state is not None:
         changes = config_changes(resume_state["config"], hp)
         log("config: the checkpoint's" + ("; changed by the command line: " + "; ".join(changes) if changes else ", unchanged"))
@@ -853,7 +902,7 @@ def main(argv: list[str] | None = None) -> dict:
     aborted = f"aborted by a second SIGINT; nothing was saved after the last checkpoint; resume with: {resume_cmd}"
     with common.failures_logged(d, log, aborted), signals:  # from here on an expected failure is logged too
         try:
-            out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd)
+            out = train(hp, d, log, run_id, loader, val_batch, resume_state, signals, resume_cmd, started)
         except ShardError as e:  # a shard rewritten since the start
             raise SystemExit(f"error: {e}") from None
     if dc.source == "pydoc" and out["export"]:
@@ -888,7 +937,8 @@ def restore(model, opt, state: dict, cuda: bool):
 
 
 def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedLoader, val_batch: np.ndarray,
-          resume_state: dict | None, signals: common.StopSignals | None = None, resume_cmd: str = "") -> dict:
+          resume_state: dict | None, signals: common.StopSignals | None = None, resume_cmd: str = "",
+          started: float | None = None) -> dict:
     """Model, optimizer, the restored state of a resumed run, then the loop: validation and
     checkpoints at their intervals (and on a signal, after which the run stops), one
     train_step per step, a bad step stopping the run or rolled back, the export at the end."""
@@ -929,6 +979,12 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
     ckpt_dir = os.path.join(t.checkpoint_dir, run_id)
     val, history = None, []
     train_time = 0.0  # seconds spent in training steps, excluding validation and the first (compile) step
+    flops = 0.0  # training_flops summed over the steps
+    wall_before = 0.0  # wall seconds of the processes this one resumes, up to their last checkpoint
+    started = time.monotonic() if started is None else started
+    if resume_state is not None:  # a resumed run counts on (checkpoints before these were recorded: from 0)
+        train_time, flops = resume_state.get("train_time_s", 0.0), resume_state.get("flops", 0.0)
+        wall_before = resume_state.get("wall_time_s", 0.0)
     log("step lines: lr_* are each group's learning rate; real_tokens, real_tok/s and mfu count non-[PAD] tokens")
     last_save = time.monotonic()  # rank 0's clock decides the time-based saves
     # the step of this run's last checkpoint, the state a rollback returns to: the one resumed from when it
@@ -957,7 +1013,8 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         if (last or (t.save_every and step % t.save_every == 0 and step > start_step) or save_now or stop
                 or (saved_step is None and t.on_bad_step == "rollback")):
             path = save_checkpoint(ckpt_dir, run_id, step, model, opt, loader, tokens_seen, hp, t.keep_checkpoints, log,
-                                   {"recent_losses": list(recent), "rollbacks": rollbacks})
+                                   {"recent_losses": list(recent), "rollbacks": rollbacks, "train_time_s": train_time,
+                                    "flops": flops, "wall_time_s": wall_before + time.monotonic() - started})
             last_save, saved_step, window_start = time.monotonic(), step, loader.seq_index
         if stop and not last:
             log(f"step:{step} stopped by {signals.name}: saved {path}; resume with: {resume_cmd}")
@@ -1004,20 +1061,26 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         tokens_seen += out["real_tokens"]
         if step > 1 or not compiled:
             train_time += dt
+        step_flop = step_flops(hp.model, batch, out["n_predicted"], out["windows"])
+        flops += step_flop
         history.append({"step": step, "loss": out["loss"]})
         if d.master and (step % t.log_every == 0 or step == t.steps):
             (wl, wg), real = out["windows"], out["real_tokens"]
-            flops = step_flops(hp.model, batch, out["n_predicted"], out["windows"])
-            mfu = f"{100 * flops / dt / d.world / peak:.1f}%" if peak else "n/a"
+            mfu = f"{100 * step_flop / dt / d.world / peak:.1f}%" if peak else "n/a"
             mem = f"{torch.cuda.max_memory_allocated(d.device) / 2**20:.0f}MiB" if cuda else "n/a"
             lrs = " ".join(f"lr_{name}:{lr:.3g}" for name, lr in out["lrs"].items())
             log(f"step:{step}/{t.steps} loss:{out['loss']:.4f} gnorm:{out['grad_norm']:.3f} {lrs} mask:{out['mask_rate']:.3f} "
                 f"windows:{wl}/{wg} real_tokens:{real} dt:{dt * 1000:.0f}ms real_tok/s:{real / dt:.0f} mfu:{mfu} mem:{mem}")
 
-    folder = export(model, hp, tokens_seen, val, run_id, log) if d.master else None
+    metrics = {"run_id": run_id, "steps": step, "val_loss": val["loss"], "val_acc": val["acc"],
+               "val_history": [h for h in history if "acc" in h], "real_tokens": tokens_seen, "flops": flops,
+               "train_time_s": train_time, "wall_time_s": wall_before + time.monotonic() - started,
+               "rollbacks": len(rollbacks), "log": log.path, "config": common.config_to_dict(hp)}
+    folder = export(model, hp, tokens_seen, val, run_id, log, metrics) if d.master else None
     return {"run_id": run_id, "history": history, "val": val, "export": folder, "log": log.path,
-            "train_time_s": train_time, "tokens_seen": tokens_seen, "rollbacks": rollbacks}
+            "train_time_s": train_time, "tokens_seen": tokens_seen, "rollbacks": rollbacks, "flops": flops}
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again (main)
     main()

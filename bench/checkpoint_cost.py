@@ -20,14 +20,15 @@ from model import CLS_ID, KBERT
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    preset: str = "base"  # the model preset whose checkpoint is measured
-    folder: str = "bench/out/checkpoint_cost"  # where the checkpoints are written (and removed afterwards)
-    repeats: int = 3  # saves timed; the median is reported
+    preset: str = common.opt("base", "tiny, small, base or large")  # the model preset whose checkpoint is measured
+    folder: str = common.opt("bench/out/checkpoint_cost", "non-empty")  # where the checkpoints are written (and removed afterwards)
+    repeats: int = common.opt(3, ">= 1")  # saves timed; the median is reported
 
 
 def main(argv=None) -> dict:
     overrides, _ = common.parse_overrides(sys.argv[1:] if argv is None else argv, {"bench": CheckpointConfig})
     cfg = CheckpointConfig(**overrides["bench"])
+    common.check_config(cfg, "bench")
     hp = trainer.parse_args(["--model.preset", cfg.preset, "--data.seq_len", "128", "--train.batch_tokens", "256",
                              "--train.micro_batch_seqs", "2", "--train.local_window_start", "128", "--train.global_window_start", "128"])
     torch.manual_seed(0)

@@ -313,7 +313,7 @@ def kbert_setup(arm: Arm, P: Preset, steps: int, seed: int, device, work: str, n
             "--data.seq_len", str(P.seq_len), "--train.steps", str(steps), "--train.seed", str(seed),
             "--train.batch_tokens", str(P.batch_seqs * P.seq_len), "--train.micro_batch_seqs", str(P.micro_seqs),
             "--train.compile", "true" if P.compile else "false", "--train.export_dir", os.path.join(work, "models"),
-            "--train.run_id", name]
+            "--train.run_id", name.replace("/", "_")]
     for group, pairs in (("model", arm.model), ("train", arm.train)):
         argv += [x for k, v in pairs for x in (f"--{group}.{k}", str(v))]
     hp = trainer.parse_args(argv)
@@ -337,7 +337,7 @@ def kbert_setup(arm: Arm, P: Preset, steps: int, seed: int, device, work: str, n
         return loss.item(), n
 
     def export(val_loss: float, tokens: int) -> str:
-        return trainer.export(model, hp, tokens, {"loss": val_loss, "acc": float("nan")}, name, lambda msg: None)
+        return trainer.export(model, hp, tokens, {"loss": val_loss, "acc": float("nan")}, hp.train.run_id, lambda msg: None)
 
     return model, step, masked_loss, export, {"config": common.config_to_dict(hp)}
 

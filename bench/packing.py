@@ -19,8 +19,8 @@ from model import CLS_ID, PAD_ID
 
 @dataclasses.dataclass
 class PackingConfig:
-    files: str = "data/shards/prose_train_*.bin"  # glob of token shards (data/tokenize_text.py)
-    seq_len: int = 8192  # row length, as --data.seq_len
+    files: str = common.opt("data/shards/prose_train_*.bin", "non-empty")  # glob of token shards (data/tokenize_text.py)
+    seq_len: int = common.opt(8192, "> 0 and a multiple of 128")  # row length, as --data.seq_len
 
 
 def measure(files: list[str], seq_len: int) -> dict:
@@ -42,6 +42,7 @@ def measure(files: list[str], seq_len: int) -> dict:
 def main(argv=None):
     overrides, _ = common.parse_overrides(sys.argv[1:] if argv is None else argv, {"bench": PackingConfig})
     cfg = PackingConfig(**overrides["bench"])
+    common.check_config(cfg, "bench")
     result = measure(trainer.shard_files(cfg.files, "benchmark"), cfg.seq_len)
     print(json.dumps(result, indent=2))
     print(f"[PAD] {100 * result['pad_fraction']:.3f}% of {result['tokens']:,} tokens in {result['rows']:,} rows of "

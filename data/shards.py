@@ -33,11 +33,14 @@ def read_header(path: str) -> int:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"shard {path} does not exist")
     size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") != MAGIC:  # e.g. a .jsonl given where shards go
+        raise ShardError(f"{path}: magic number {int.from_bytes(head[:4], 'little', signed=True)} is not {MAGIC}; not a "
+                         "token shard (text such as .jsonl, .txt or .parquet becomes shards with data/tokenize_text.py)")
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header (truncated download?)")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise ShardError(f"{path}: magic number {header[0]} is not {MAGIC}; not a token shard")
+    header = np.frombuffer(head, dtype="<i4")
     if header[1] != VERSION:
         raise ShardError(f"{path}: shard version {header[1]} is not supported (expected {VERSION})")
     n = int(header[2])

@@ -51,3 +51,28 @@ def test_benchmark_flops_equal_a_hand_count(tmp_path):
 def test_bad_variant_fails_before_timing():
     with pytest.raises(SystemExit, match=r"unknown option --model.residual.*--model.residual_fp32"):
         throughput.main(["--bench.device", "cpu", "--bench.baselines", "none", "--bench.variants", "residual=bf16"])
+
+
+def test_log_summary_puts_several_runs_validation_side_by_side(tmp_path, monkeypatch, capsys):
+    """Two logs (the demo record's and a short one): each summarized, their val_loss in one
+    table by step, plotted when matplotlib is there and said so when it is not."""
+    import os
+    import sys
+
+    from bench import log_summary
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "records", "2026-11-29-demo", "demo.log")
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"step:{s}/100 loss:6.0 gnorm:1.0 lr_muon:0.04 mask:0.3 windows:64/256 real_tokens:4096 dt:900ms "
+                             f"real_tok/s:4551 mfu:n/a mem:n/a\n" for s in (49, 50))
+                     + "step:50/100 val_loss:6.5000 val_acc:0.1500 train_time:45000ms real_tokens_seen:204800\n")
+    with monkeypatch.context() as m:  # as if not installed; the module (if imported before) comes back after
+        m.setitem(sys.modules, "matplotlib", None)
+        out = log_summary.main([demo, str(short)])
+    text = capsys.readouterr().out
+    assert set(out) == {"demo", "short"} and out["short"]["median_ms_per_step"] == 900
+    assert "\n     50    6.1232    6.5000\n    100    5.9052         -\n" in text and "    300    5.3567         -\n" in text
+    assert text.rstrip().endswith("no plot: matplotlib is not installed (pip install matplotlib)")
+    pytest.importorskip("matplotlib")
+    log_summary.main([demo, str(short), "--plot", str(tmp_path / "val.png")])
+    assert capsys.readouterr().out.rstrip().endswith(f"plot: {tmp_path / 'val.png'}") and (tmp_path / "val.png").stat().st_size > 0

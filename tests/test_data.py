@@ -192,3 +192,85 @@ def test_download_scripts_with_a_fake_hub(tmp_path, monkeypatch):
     download_glue.main(["mnli", "--out", str(tmp_path / "glue")])
     got = [json.loads(line) for line in open(tmp_path / "glue" / "mnli" / "validation_matched.jsonl")]
     assert got == rows["validation_matched"]
+
+
+def test_text_given_as_a_shard_names_the_tokenizer_script(tmp_path):
+    """A raw .jsonl where token shards go (--data.train_files corpus.jsonl), short or long:
+    the error says which script turns text into shards."""
+    from data.shards import read_header
+
+    for n in (1, 40):
+        path = tmp_path / f"corpus{n}.jsonl"
+        corpus(path, n)
+        with pytest.raises(ShardError, match=r"corpus\d+.jsonl: magic number \d+ is not 20240520; not a token shard "
+                                             r"\(text such as .jsonl, .txt or .parquet becomes shards with data/tokenize_text.py\)"):
+            read_header(str(path))
+
+
+def test_a_rerun_with_other_inputs_or_options_is_refused_never_skipped(tmp_path, tok, capsys):
+    """The progress file names its inputs (files with sizes and mtimes) and options: an added
+    file, an empty file filled since, another --val-permille or stray shards without a progress
+    file are refused in one line saying how to restart, and --restart tokenizes them (once:
+    "already complete" and exit 0, the new text never tokenized)."""
+    import tokenize_text
+
+    a, b, empty = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "e.jsonl"
+    corpus(a, 30)
+    with open(b, "w") as f:
+        f.write(json.dumps({"text": "a document that only the second file holds"}) + "\n")
+    empty.write_text("")
+    out = tmp_path / "shards" / "c"
+
+    def run(*files, extra=()):
+        tokenize_text.main(["--files", *map(str, files), "--out", str(out), "--workers", "1", "--val-permille", "100", *extra])
+        return capsys.readouterr().out
+
+    def refused(*files, extra=()):
+        before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+        with pytest.raises(SystemExit) as e:
+            run(*files, extra=extra)
+        assert "\n" not in e.value.code and e.value.code.endswith(
+            f"pass --restart to tokenize from scratch into {out}, or choose another --out")
+        assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # nothing touched
+        return e.value.code
+
+    def n_docs():
+        paths = sorted(out.parent.glob("c_*.bin"))
+        return len(docs_of(paths)) if paths else 0
+
+    run(a)
+    assert "already complete" in run(a) and n_docs() == 30
+    assert f"({b} is a new input)" in refused(a, b)
+    assert "--restart: removed" in run(a, b, extra=["--restart"]) and n_docs() == 31
+    assert "(val_permille was 100, now 50)" in refused(a, b, extra=["--val-permille", "50"])
+    run(empty, extra=["--restart"])
+    assert n_docs() == 0
+    empty.write_text(a.read_text())
+    assert f"({empty} changed (0 -> {empty.stat().st_size:,} bytes))" in refused(empty)
+    run(empty, extra=["--restart"])
+    assert n_docs() == 30
+    os.remove(f"{out}.progress.json")
+    assert "exist but no" in refused(a)
+
+
+def test_a_small_corpus_always_gets_a_validation_shard_and_the_trainer_names_val_permille(tmp_path, tok, capsys, monkeypatch):
+    """Three documents at the default --val-permille 5: none falls under the hash, so the last
+    one is held out (with its exact duplicate); train and validation stay disjoint. Without
+    validation shards, the trainer's error names tokenize_text.py's --val-permille."""
+    import tokenize_text
+    import trainer
+
+    texts = ["the first small document", "a second one, repeated", "the third", "a second one, repeated"]
+    assert not any(tokenize_text.is_val(t, 5) for t in texts)
+    src = tmp_path / "small.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "small"
+    tokenize_text.main(["--files", str(src), "--out", str(out), "--workers", "1"])
+    assert "held out the last document (2 copies, " in capsys.readouterr().out
+    train, val = docs_of(sorted(tmp_path.glob("small_train_*.bin"))), docs_of([tmp_path / "small_val_000000.bin"])
+    assert sorted(tok.decode(d) for d in val) == [texts[1]] * 2 and sorted(tok.decode(d) for d in train) == sorted([texts[0], texts[2]])
+    assert json.load(open(f"{out}.progress.json"))["val_shard"] == 1
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"no validation shards match .*nothing_val_\*.bin.*--val-permille"):
+        trainer.main(["--model.preset", "tiny", "--data.seq_len", "128", "--train.batch_tokens", "256",
+                      "--data.train_files", str(tmp_path / "small_train_*.bin"), "--data.val_files", str(tmp_path / "nothing_val_*.bin")])

@@ -103,8 +103,8 @@ def max_diff(a, b) -> float:
 
 
 def test_export_is_a_hub_folder_readable_by_others_with_a_card_that_runs(pretrained, capsys):
-    assert sorted(os.listdir(pretrained)) == FILES
-    modes = {name: stat.S_IMODE(os.stat(os.path.join(pretrained, name)).st_mode) for name in FILES}
+    assert sorted(os.listdir(pretrained)) == sorted(FILES + ["metrics.json"])  # the trainer's metrics beside the model
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(pretrained, name)).st_mode) for name in FILES + ["metrics.json"]}
     assert stat.S_IMODE(os.stat(pretrained).st_mode) == 0o755 and set(modes.values()) == {0o644}, modes  # umask was 077
     for name in common.EXPORT_CODE:  # the remote code is the repo's own, byte for byte
         assert open(os.path.join(pretrained, name)).read() == open(os.path.join(ROOT, name)).read()
@@ -117,7 +117,8 @@ def test_export_is_a_hub_folder_readable_by_others_with_a_card_that_runs(pretrai
     with safe_open(os.path.join(pretrained, "model.safetensors"), "pt") as f:
         assert all(k.startswith("kbert.") for k in f.keys())
     card = open(os.path.join(pretrained, "README.md")).read()
-    for fact in ("parameters: 3,4", "tokens seen: 1,024", "validation loss: 1", "BLiMP: not measured", "library_name: transformers"):
+    for fact in ("parameters: 3,4", "tokens seen: 1,024", "validation loss: 1", "library_name: transformers",
+                 "To score it on BLiMP: `python finetuner.py --task blimp"):
         assert fact in card, fact
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     print(code)
@@ -235,6 +236,23 @@ def test_gpt2_bpe_rebuilt_from_tiktoken_equals_the_original_files(tok):
     original = json.load(open(src / "encoder.json"))
     assert vocab == {t: i for t, i in original.items() if i < CLS_ID}  # <|endoftext|> becomes [CLS]
     assert merges == [tuple(line.split()) for line in open(src / "vocab.bpe").read().splitlines()[1:] if line]
+
+
+def test_the_tokenizer_is_a_plain_fast_tokenizer_that_needs_no_remote_code(pretrained, monkeypatch):
+    """tokenizer_config.json names PreTrainedTokenizerFast (transformers 5 wrote its own alias
+    TokenizersBackend, unknown to transformers 4): it loads as that class with no question
+    about remote code. AutoTokenizer of transformers 5 reads the model's config.json (custom
+    code) first, so it still asks unless given trust_remote_code (False is enough)."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.load(open(os.path.join(pretrained, "tokenizer_config.json")))
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in config
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail(f"asked: {args}"))
+    plain = PreTrainedTokenizerFast.from_pretrained(pretrained)
+    auto = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=False)
+    assert type(auto) is type(plain) and plain.is_fast
+    assert plain("Use the [MASK] keyword.")["input_ids"] == auto("Use the [MASK] keyword.")["input_ids"]
+    assert plain.mask_token_id == MASK_ID and plain("a", "b")["input_ids"][0] == CLS_ID
 
 
 def test_autotokenizer_encodes_like_tokenizer_py_on_real_texts(pretrained, tok):

@@ -3,6 +3,7 @@ exist, and every file it links to is in the repository."""
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -56,3 +57,29 @@ def test_readme_shows_the_main_commands_and_links_existing_files():
     for link in re.findall(r"\]\(([^)#]+)\)", README):
         if not link.startswith("http"):
             assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def test_gitignore_keeps_downloads_out_and_records_logs_in():
+    """Run logs and downloaded data stay out of git; a record's own logs/ folder is committable."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    paths = {"logs/run.txt": True, "data/blimp/blimp.jsonl": True, "data/pydoc/pydoc_val_000000.bin": True,
+             "records/2026-11-29-cpu-compare/logs/kbert.txt": False}
+    r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert {p: p in r.stdout.splitlines() for p in paths} == paths
+
+
+def test_quoted_log_lines_are_verbatim_from_the_linked_records():
+    """Every run output line README quotes (step, validation, checkpoint, export lines) is in
+    the log of a record README links to, character for character (once the step:50 line said
+    train_time:64926ms where the demo's log has 60358ms)."""
+    records = {os.path.dirname(link) for link in re.findall(r"\]\((records/[^)#]+)\)", README)}
+    logs = "".join(open(os.path.join(ROOT, r, name)).read() for r in sorted(records)
+                   for name in os.listdir(os.path.join(ROOT, r)) if name.endswith((".log", ".txt")))
+    quoted, fenced = [], False
+    for line in README.splitlines():
+        fenced ^= line.startswith("```")
+        if fenced and re.match(r"(step:\d+|exported |next: )", line):
+            quoted.append(line)
+    assert len(quoted) >= 6
+    assert [line for line in quoted if line not in logs.splitlines()] == []

@@ -22,7 +22,7 @@ import tokenizer
 import trainer
 from bench import log_summary
 from data.shards import ShardError, open_shard, read_header, write_shard
-from model import CLS_ID, MASK_ID, PAD_ID, SEP_ID, KBERT, ModelConfig, document_ids
+from model import CLS_ID, MASK_ID, PAD_ID, PRESETS, SEP_ID, KBERT, ModelConfig, document_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,6 +231,55 @@ def test_schedules():
     t2 = trainer.TrainConfig(steps=100, batch_tokens=1 << 19, batch_tokens_start=1 << 17, batch_warmup_frac=0.2)
     sizes = [trainer.batch_seqs_at(s, t2, 8192) for s in (0, 5, 10, 20, 50)]
     assert sizes == [16, 28, 40, 64, 64]  # whole sequences on the straight line 16 -> 64, whatever the world size
+
+
+def test_windows_are_clipped_to_the_sequence_length(shards):
+    """At --data.seq_len 512 the base schedule's windows (128 -> 128 local, 1024 -> 8192 global)
+    stop at 512: in the schedule, the step line's windows and the exported config (once
+    windows:128/8192 and global_window 8192)."""
+    hp = trainer.parse_args(["--model.preset", "tiny", "--data.seq_len", "512", "--train.batch_tokens", "4096"])
+    assert (hp.model.local_window, hp.model.global_window) == (128, 512)
+    assert trainer.windows_at(0, hp.train, 512) == (128, 512) and trainer.windows_at(0, hp.train) == (128, 1024)
+    hp = trainer.parse_args(base_args(shards, "w") + ["--train.global_window_start", "1024", "--train.global_window_end", "8192"])
+    model = KBERT(hp.model)
+    batch, first = trainer.PackedLoader(sorted(map(str, shards.glob("syn_train_*.bin"))), 128).next_batch(2)
+    out = trainer.train_step(model, trainer.build_optimizer(model, hp.train), trainer.make_forward(model, compile=False), batch,
+                             first, 0, hp.train, common.Dist(0, 0, 1, torch.device("cpu")))
+    assert out["windows"] == (32, 128) and hp.model.global_window == 128
+
+
+def test_the_card_has_no_blimp_line_the_trainer_cannot_fill():
+    """The pretraining card once carried '- BLiMP: not measured', which trainer.py never fills:
+    it now says how to measure it instead."""
+    hp = trainer.parse_args(["--model.preset", "tiny"])
+    card = trainer.model_card(hp, KBERT(hp.model).param_counts(), 1000, {"loss": 5.0, "acc": 0.2}, "trainer.py", "exports/x")
+    assert "- BLiMP" not in card and "validation loss: 5.0000" in card
+    assert "To score it on BLiMP: `python finetuner.py --task blimp --train.base_model exports/x`" in card
+
+
+def test_metrics_json_sums_flops_and_tokens_over_a_resumed_run(shards, monkeypatch):
+    """exports/<run_id>/metrics.json: the final validation, real tokens, FLOPs (training_flops of
+    every step, counted on across a resume), times, config and export path; a run stopped at
+    step 1 and resumed gives the uninterrupted run's tokens and FLOPs."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256", "--train.save_every", "0"]
+    whole = trainer.main(base_args(shards, "m2", steps=2) + small)
+    m = json.load(open(shards / "ex" / "m2" / "metrics.json"))
+    assert m["export"] == whole["export"] and m["val_loss"] == whole["val"]["loss"] and m["val_acc"] == whole["val"]["acc"]
+    assert m["real_tokens"] == whole["tokens_seen"] == 512 and m["flops"] == whole["flops"] and m["steps"] == 2
+    assert m["config"]["train"]["steps"] == 2 and m["log"] == "logs/m2.txt" and 0 < m["train_time_s"] <= m["wall_time_s"]
+    hp = trainer.parse_args(base_args(shards, "m2", steps=2) + small)  # the reference count: the same two batches
+    loader, ref = trainer.PackedLoader(sorted(map(str, shards.glob("syn_train_*.bin"))), 128), 0.0
+    for step in range(2):
+        batch, first = loader.next_batch(2)
+        _, labels = trainer.mask_tokens(torch.from_numpy(batch).long(), first, 0, *trainer.masking_at(step, hp.train))
+        ref += trainer.step_flops(hp.model, batch, int((labels >= 0).sum()), trainer.windows_at(step, hp.train, 128))
+    assert m["flops"] == ref
+    trainer.main(base_args(shards, "m1", steps=1) + small)
+    trainer.main(base_args(shards, "m1", steps=2) + small + ["--train.resume", "auto"])
+    m1 = json.load(open(shards / "ex" / "m1" / "metrics.json"))
+    assert (m1["real_tokens"], m1["flops"], m1["val_loss"]) == (m["real_tokens"], m["flops"], m["val_loss"])
 
 
 def test_rank_chunks_deal_every_row_once():
@@ -499,7 +548,7 @@ def test_export_loads_back_offline_with_identical_outputs(shards, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = trainer.main(base_args(shards, "exp", steps=2) + ["--train.val_every", "0"])
     folder = out["export"]
-    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "hf_kbert.py", "model.py", "model.safetensors",
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "hf_kbert.py", "metrics.json", "model.py", "model.safetensors",
                                           "tokenizer.json", "tokenizer_config.json"]  # a Hugging Face folder (tests/test_export.py)
     card = open(os.path.join(folder, "README.md")).read()
     assert "tokens seen: 2,048" in card and "validation loss" in card and "trust_remote_code=True" in card
@@ -554,9 +603,9 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
         trainer.parse_args(["--data.seq_len", "100"])
     with pytest.raises(SystemExit, match="precision must be auto, bf16 or fp32"):
         trainer.parse_args(["--train.precision", "fp16"])
-    with pytest.raises(SystemExit, match="unknown model preset"):
+    with pytest.raises(SystemExit, match=r"--model.preset must be tiny, small, base or large, got .giant."):
         trainer.parse_args(["--model.preset", "giant"])
-    with pytest.raises(SystemExit, match=r"--train.device 'gpu': choose auto \(cuda if available\), cpu, cuda or cuda:N"):
+    with pytest.raises(SystemExit, match=r"^--train.device must be auto, cpu, cuda or cuda:N, got 'gpu'$"):
         trainer.parse_args(["--train.device", "gpu"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--train.device cuda: CUDA is not available"):
@@ -566,6 +615,59 @@ def test_bad_inputs_fail_clearly(shards, monkeypatch, capsys):
     assert trainer.parse_args(["--demo", "--data.seq_len", "256"]).data.seq_len == 256  # other --data.* are honoured
     assert trainer.parse_args(["--train.overwrite", "False"]).train.overwrite is False
     assert not (shards / "logs" / "m.txt").exists()  # nothing was started: no log left behind
+
+
+# a value that each option of trainer.py does not allow (out of its range, malformed, or derived)
+BAD_VALUES = {
+    "train.run_id": "a/b", "train.seed": "-1", "train.steps": "0", "train.batch_tokens": "0", "train.micro_batch_seqs": "0",
+    "train.batch_tokens_start": "-8", "train.batch_warmup_frac": "1.5", "train.lr_muon": "-0.1", "train.lr_embed": "fast",
+    "train.lr_scalar": "-1", "train.weight_decay": "-0.1", "train.adam_betas": "0.9", "train.warmup_frac": "2",
+    "train.cooldown_frac": "-0.3", "train.muon_momentum_start": "1", "train.muon_momentum_end": "1.5",
+    "train.muon_momentum_warmup_steps": "-1", "train.mask_rate_start": "0", "train.mask_rate_end": "1",
+    "train.random_frac_start": "-0.1", "train.random_frac_end": "1.1", "train.keep_frac_start": "2", "train.keep_frac_end": "-1",
+    "train.local_window_start": "0", "train.local_window_end": "-128", "train.global_window_start": "0",
+    "train.global_window_end": "1.5", "train.window_grow_frac": "1.1", "train.val_every": "-1", "train.val_tokens": "0",
+    "train.save_every": "-1", "train.keep_checkpoints": "-1", "train.checkpoint_dir": "", "train.resume": "no/such/run",
+    "train.save_every_minutes": "-5", "train.on_bad_step": "skip", "train.spike_factor": "0.5", "train.spike_window": "0",
+    "train.max_rollbacks": "-1", "train.export_dir": "", "train.hf_repo": "kbert-base", "train.compile": "maybe",
+    "train.precision": "fp16", "train.device": "gpu", "train.overwrite": "maybe", "train.log_every": "0",
+    "data.source": "web", "data.train_files": "", "data.val_files": " ", "data.seq_len": "100", "data.sep_at_end": "maybe",
+    "model.preset": "giant", "model.n_layer": "-1", "model.d_model": "-64", "model.n_head": "-2", "model.d_mlp": "-1",
+    "model.vocab_size": "50257", "model.local_window": "64", "model.global_window": "512", "model.global_every": "0",
+    "model.rope_base": "0", "model.attn_scale": "-0.12", "model.softcap": "-1", "model.tie_embeddings": "maybe",
+    "model.unet_skips": "maybe", "model.value_residual": "maybe", "model.dropout": "1", "model.residual_fp32": "maybe",
+}
+
+
+def test_every_option_out_of_range_fails_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Each field of TrainConfig, DataConfig and ModelConfig given a value it does not allow:
+    one line naming the option (exit 1), before the demo corpus, a log, a checkpoint folder or
+    an export is written. Also as a real process, for the value that once failed at step 1."""
+    assert set(BAD_VALUES) == set(common.valid_keys(trainer.GROUPS)), "a new option needs a bad value here"
+    assert all(common.allows(dataclasses.fields(ModelConfig)[0].metadata["allowed"], p) for p in PRESETS)
+    monkeypatch.chdir(tmp_path)
+    for key, value in BAD_VALUES.items():
+        with pytest.raises(SystemExit) as e:
+            trainer.main(["--demo", f"--{key}", value])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and f"--{key}" in e.value.code, (key, e.value.code)
+        assert capsys.readouterr() == ("", ""), key
+    print(trainer.main.__name__, "refused", len(BAD_VALUES), "values, e.g.:", e.value.code)
+    assert not os.listdir(tmp_path)
+    for value in ("0.9", "0.9,x"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "trainer.py"), "--demo", "--train.adam_betas", value], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", f"--train.adam_betas must be 2 numbers in [0, 1), got {value!r}\n")
+    assert not os.listdir(tmp_path)
+
+
+def test_keep_checkpoints_below_one_is_refused_before_anything_is_saved(shards, monkeypatch):
+    """--train.keep_checkpoints -1 once deleted every checkpoint it had logged as saved and
+    exited 0 with an empty folder; 0 kept them all."""
+    monkeypatch.chdir(shards)
+    for keep in ("-1", "0"):
+        with pytest.raises(SystemExit, match=rf"^--train.keep_checkpoints must be >= 1, got {keep}$"):
+            trainer.main(base_args(shards, "keep") + ["--train.keep_checkpoints", keep])
+    assert not any((shards / name).exists() for name in ("logs", "ck", "ex"))
 
 
 def test_help_lists_every_option_with_its_default_and_description(capsys):
@@ -578,7 +680,8 @@ def test_help_lists_every_option_with_its_default_and_description(capsys):
     assert listed == common.valid_keys(trainer.GROUPS, trainer.HIDDEN) + ["demo"]  # grouped, in field order
     assert all(o[2] for o in options), [o[0] for o in options if not o[2]]  # every option has a description
     assert "--model.local_window" not in text  # derived from the schedule: rejected as an option
-    assert "  --train.lr_muon float (default: 0.02)\n      hidden matrices (Muon)" in text
+    assert "  --train.lr_muon float (>= 0; default: 0.02)\n      hidden matrices (Muon)" in text
+    assert "  --train.overwrite bool (default: False)\n" in text and "  --train.compile str (auto, true or false; default: 'auto')\n" in text and "  --model.dropout float (in [0, 1); default: 0.0)\n" in text
 
 
 def test_a_bad_shard_fails_in_one_line_without_a_log(shards):
@@ -620,6 +723,50 @@ def test_run_ids_are_unique_and_an_existing_run_is_not_overwritten(shards, monke
     assert "differs from this run's" in open(shards / "logs" / "same.txt").read().splitlines()[-1]
 
 
+def test_overwrite_removes_the_old_run_before_writing_so_auto_resume_continues_the_new_one(shards, monkeypatch):
+    """A 4-step run (checkpoints 2 and 4), overwritten by a 1-step one, then re-queued with
+    --train.resume auto: the overwrite removes the old checkpoints and export before it writes,
+    so its own checkpoint survives and the resume continues it (once, the old files sorted
+    after the new one: the new checkpoint was pruned as soon as it was saved and the resume
+    went on from the old run's step 4)."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)  # the export's tokenizer files: 1-2 s
+    ck = shards / "ck" / "ow"
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256"]
+    args = lambda steps, *more: base_args(shards, "ow", steps=steps) + small + list(more)
+    trainer.main(args(4, "--train.save_every", "2"))
+    assert sorted(os.listdir(ck)) == ["step_0000002.pt", "step_0000004.pt"]
+    out = trainer.main(args(1, "--train.save_every", "0", "--train.overwrite", "true"))
+    assert sorted(os.listdir(ck)) == ["step_0000001.pt"]
+    assert json.load(open(shards / "ex" / "ow" / "config.json"))["kbert"]["tokens_seen"] == out["tokens_seen"]
+    log = open(out["log"]).read()
+    assert log.count("==> config <==") == 1 and f"removed the earlier run's {ck}, {shards}/ex/ow" in log
+    more = trainer.main(args(3, "--train.save_every", "0", "--train.resume", "auto"))
+    assert [h["step"] for h in more["history"] if "acc" not in h] == [2, 3]
+    assert f"resuming from {ck}/step_0000001.pt (step 1)" in open(out["log"]).read()
+    with pytest.raises(SystemExit, match=r"^--train.overwrite true starts the run id afresh and --train.resume continues it"):
+        trainer.main(args(8, "--train.overwrite", "true", "--train.resume", "auto"))
+
+
+def test_a_finished_run_requeued_says_so_and_does_nothing(shards, monkeypatch, capsys):
+    """--train.resume auto on a run that reached its last step and exported: one line, exit 0,
+    nothing validated, saved, exported or pushed again (once it did the end over again)."""
+    monkeypatch.chdir(shards)
+    monkeypatch.setattr(tokenizer, "save_hf_tokenizer", lambda *args: None)
+    small = ["--train.val_every", "0", "--train.batch_tokens", "256", "--train.val_tokens", "256", "--train.resume", "auto"]
+    args = base_args(shards, "done", steps=1) + small
+    trainer.main(args)
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    out = trainer.main(args + ["--train.hf_repo", "nobody/never-pushed"])
+    assert out["finished"] and out["export"] == f"{shards}/ex/done"
+    assert capsys.readouterr().out == (f"run done is finished: step 1 of 1, exported to {shards}/ex/done; nothing to do "
+                                       "(give --train.steps above 1 to train on)\n")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.rglob("*") if p.is_file()} == files
+    more = trainer.main(base_args(shards, "done", steps=2) + small)
+    assert [h["step"] for h in more["history"] if "acc" not in h] == [2]  # a larger --train.steps trains on
+
+
 def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     """`python trainer.py --demo`, shortened: the pydoc corpus is built on first use
     (train and validation documents disjoint) and the validation loss falls."""
@@ -638,6 +785,55 @@ def test_demo_builds_the_embedded_corpus_and_learns(tmp_path, monkeypatch, tok):
     # resumed without --demo: the checkpoint's config (the demo corpus, the tiny model) carries over
     more = trainer.main(["--train.resume", f"checkpoints/{out['run_id']}", "--train.steps", "22", "--train.val_every", "0"])
     assert [h["step"] for h in more["history"] if "acc" not in h] == [21, 22] and more["run_id"] == out["run_id"]
+
+
+def test_ctrl_c_before_the_loop_exits_130_in_one_line_and_leaves_no_half_built_corpus(shards, monkeypatch, capsys, tok):
+    """Ctrl-C (a KeyboardInterrupt in the main thread) while the demo corpus is written, after
+    its first shard, and during the start-up shard scan: exit 130, one line on stderr, no
+    traceback, no corpus folder, no temporary folder, no log (once: a traceback, and a
+    validation shard alone in data/pydoc)."""
+    import sysconfig
+
+    demo = shards / "demo"
+    os.makedirs(demo)
+    monkeypatch.chdir(demo)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(demo / "no_stdlib")})  # pydoc topics only: fast
+    real_write = trainer.write_shard
+
+    def write_then_interrupt(path, tokens):
+        real_write(path, tokens)
+        raise KeyboardInterrupt
+
+    line = ("stopped by SIGINT before the training loop began: nothing of this run was written; run the command again to "
+            "start it\n")
+    monkeypatch.setattr(trainer, "write_shard", write_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        trainer.main(["--demo"])
+    assert e.value.code == 130 and capsys.readouterr().err == line
+    assert os.listdir(demo) == ["data"] and os.listdir(demo / "data") == []
+    monkeypatch.setattr(trainer, "write_shard", real_write)
+    monkeypatch.setattr(trainer, "open_shard", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        trainer.main(base_args(shards, "scan"))
+    assert e.value.code == 130 and capsys.readouterr().err == line
+    assert os.listdir(demo) == ["data"] and not any((shards / name).exists() for name in ("logs", "ck", "ex"))
+
+
+def test_missing_gpt2_bpe_files_fail_the_demo_in_one_line_that_says_what_to_do(tmp_path):
+    """A first `python trainer.py --demo` with an empty tiktoken cache and no network (a proxy
+    that refuses): one line naming where the files come from and how to install them offline,
+    nothing written (once: a multi-line traceback)."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    os.makedirs(tmp_path / "run")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "trainer.py"), "--demo"], cwd=tmp_path / "run", env=env,
+                       capture_output=True, text=True, timeout=120)
+    print(r.stderr)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"the demo corpus needs GPT-2's tokenizer: cannot load GPT-2's BPE files: they are not in "
+                               f"{tmp_path}/empty_cache and tiktoken could not download them (")
+    assert f"from {tokenizer.BPE_URL}" in r.stderr and "tokenizer.install_offline_bpe('DIR', '.cache/tiktoken')" in r.stderr
+    assert os.listdir(tmp_path / "run") == []
 
 
 # -- runs that survive: signals, kills mid-write, automatic resume, bad steps, preflight -----
@@ -779,7 +975,7 @@ def test_a_loss_spike_is_a_bad_step_once_the_window_is_full():
     assert why(9.5) is None and why(9.51) == "loss 9.5100 is a spike, above 2 x 4.7500, the median of the last 4 losses"
     assert why(math.inf).startswith("loss is inf") and why(3.0, grad_ranks=1).endswith("non-finite on 1 of 1 ranks")
     assert trainer.bad_step({"loss": 1e9, "bad_grad_ranks": 0}, recent, trainer.TrainConfig(), 1) is None  # off by default
-    with pytest.raises(SystemExit, match="give a factor above 1"):
+    with pytest.raises(SystemExit, match=r"^--train.spike_factor must be 0 or > 1, got 0.5$"):
         trainer.parse_args(["--train.spike_factor", "0.5"])
     with pytest.raises(SystemExit, match="on_bad_step must be stop or rollback"):
         trainer.parse_args(["--train.on_bad_step", "skip"])
