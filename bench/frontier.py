@@ -56,6 +56,7 @@ import torch
 import common
 import trainer
 from bench import baselines
+from common import opt
 from data.shards import open_shard, write_shard
 from model import CLS_ID, KBERT, MASK_ID, PAD_ID, SEP_ID
 
@@ -67,20 +68,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass
 class FrontierConfig:
-    preset: str = "cpu"  # cpu | gpu | smoke: the sizes in PRESETS
+    preset: str = opt("cpu", "cpu, gpu or smoke")  # the sizes in PRESETS
     out: str = ""  # the record folder; empty: records/<date>-<preset>-frontier
-    work_dir: str = "bench/out/frontier"  # exported models and finetuning outputs (git-ignored; a record's runs point here)
-    corpus: str = "data/shards/frontier"  # shard prefix: <corpus>_train_*.bin, <corpus>_val_*.bin, built on first use
+    work_dir: str = opt("bench/out/frontier", "non-empty")  # exported models and finetuning outputs (git-ignored)
+    corpus: str = opt("data/shards/frontier", "non-empty")  # shard prefix: <corpus>_train_*.bin, <corpus>_val_*.bin
     corpus_files: str = ("../shared/data/wikipedia_en/*.jsonl,../shared/data/fineweb_edu/sample.jsonl,"
                          "../shared/data/prose/python_docs.jsonl,../shared/data/prose/us_presidential_speeches.jsonl")
-    val_permille: int = 10  # documents held out for validation (by a hash of their text)
-    glue_dir: str = "../shared/data"  # holds glue/<task>/{train,validation}.jsonl (finetuner's --train.data_dir)
-    blimp_file: str = "../shared/data/blimp/blimp.jsonl"
+    val_permille: int = opt(10, "in [1, 999]")  # documents held out for validation (by a hash of their text)
+    glue_dir: str = opt("../shared/data", "non-empty")  # holds glue/<task>/{train,validation}.jsonl (finetuner's data_dir)
+    blimp_file: str = opt("../shared/data/blimp/blimp.jsonl", "non-empty")
     arms: str = ""  # comma-separated subset of the arms; empty: all
-    stages: str = "corpus,pretrain,blimp,finetune,report"
-    on_change: str = "refuse"  # a stored run made with another config, data or code: refuse | keep | redo
-    threads: int = 0  # torch threads of this process and its finetuning runs; 0: torch's default
-    device: str = "auto"
+    stages: str = opt("corpus,pretrain,blimp,finetune,report", "non-empty")  # see the module docstring
+    on_change: str = opt("refuse", "refuse, keep or redo")  # a stored run made with another config, data or code
+    threads: int = opt(0, ">= 0")  # torch threads of this process and its finetuning runs; 0: torch's default
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     # while this file exists (default: PAUSE in the record folder) pretraining waits between steps, off the clock,
     # and no new run starts: a benchmark can have the machine without skewing the runs' wall times
     pause_file: str = ""
@@ -891,10 +892,7 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     overrides, _ = common.parse_overrides(argv, {"frontier": FrontierConfig}, usage=__doc__.split("Stages,")[0].rstrip())
     cfg = FrontierConfig(**overrides["frontier"])
-    if cfg.preset not in PRESETS:
-        raise SystemExit(f"--frontier.preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    if cfg.on_change not in ("refuse", "keep", "redo"):
-        raise SystemExit(f"--frontier.on_change must be refuse, keep or redo, got {cfg.on_change!r}")
+    common.check_config(cfg, "frontier")
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - {"corpus", "pack", "pretrain", "blimp", "finetune", "report"})
     if unknown:

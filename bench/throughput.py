@@ -45,6 +45,7 @@ import torch
 import common
 import trainer
 from bench import baselines
+from common import opt
 from model import CLS_ID, KBERT, ModelConfig
 
 
@@ -54,30 +55,30 @@ class BenchConfig:
     variants: str = ""  # KBERT model-config variants timed besides each preset's default, ";"-separated,
     # each a comma-separated key=value list of ModelConfig fields, e.g. "residual_fp32=false"
     baselines: str = "modernbert,bert"  # "none" to skip; needs transformers
-    tokens_per_step: int = 131072  # real tokens per optimizer step, the same for every model
-    kbert_seq_len: int = 8192  # KBERT packs documents into rows of this length
+    tokens_per_step: int = opt(131072, ">= 1")  # real tokens per optimizer step, the same for every model
+    kbert_seq_len: int = opt(8192, "> 0 and a multiple of 128")  # KBERT packs documents into rows of this length
     kbert_micro: str = "8,16"  # rows per forward/backward, swept
     modernbert_seq_len: int = 1024  # ModernBERT's main pretraining length
     modernbert_micro: str = "64,128"
     bert_seq_len: int = 512
     bert_micro: str = "128,256"
-    mask_rate: float = 0.3  # predicted fraction for every model
-    window_local: int = 128  # KBERT windows during the timing (the end-of-training values)
-    window_global: int = 8192
+    mask_rate: float = opt(0.3, "in (0, 1]")  # predicted fraction for every model
+    window_local: int = opt(128, ">= 1")  # KBERT windows during the timing (the end-of-training values)
+    window_global: int = opt(8192, ">= 1")
     shards: str = ""  # glob of token shards for real document lengths; empty: synthetic lengths
-    mean_doc_len: int = 1000  # synthetic documents: geometric lengths with this mean
-    warmup: int = 3  # untimed steps (compile happens here)
-    steps: int = 10  # timed steps (median reported)
-    width: int = 0  # >0: KBERT's d_model (heads of 64, base's MLP ratio), overriding the preset's ...
-    layers: int = 0  # ... and n_layer; with baseline_size match, the baselines' too
-    baseline_size: str = "base"  # "base": ModernBERT-base / BERT-base; "match": KBERT's width, depth and rows
+    mean_doc_len: int = opt(1000, ">= 2")  # synthetic documents: geometric lengths with this mean
+    warmup: int = opt(3, ">= 0")  # untimed steps (compile happens here)
+    steps: int = opt(10, ">= 1")  # timed steps (median reported)
+    width: int = opt(0, ">= 0")  # >0: KBERT's d_model (heads of 64, base's MLP ratio), overriding the preset's ...
+    layers: int = opt(0, ">= 0")  # ... and n_layer; with baseline_size match, the baselines' too
+    baseline_size: str = opt("base", "base or match")  # "base": ModernBERT-base / BERT-base; "match": KBERT's width, depth and rows
     compile: str = "auto"  # torch.compile KBERT: "true", "false", "false,true" (time both), auto: on CUDA only ...
     baseline_compile: str = "auto"  # ... and the baselines (their compile can take minutes)
-    threads: int = 0  # torch CPU threads; 0: torch's default
-    device: str = "auto"
+    threads: int = opt(0, ">= 0")  # torch CPU threads; 0: torch's default
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     profile: bool = False  # torch.profiler table of KBERT's step (first preset)
     out: str = "bench/results.json"
-    time_budget_s: float = 0.0  # >0: after the first micro-batch of every model, sweep further only within this budget
+    time_budget_s: float = opt(0.0, ">= 0")  # >0: after the first micro-batch of every model, sweep further only within this budget
 
 
 def sync(device):
@@ -308,11 +309,10 @@ def attempt(name: str, fn, *args):
 def main(argv=None):
     overrides, _ = common.parse_overrides(sys.argv[1:] if argv is None else argv, {"bench": BenchConfig})
     cfg = BenchConfig(**overrides["bench"])
+    common.check_config(cfg, "bench")
     device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device == "cuda" else "cpu")
     if cfg.tokens_per_step % cfg.kbert_seq_len:
         raise SystemExit("--bench.tokens_per_step must be a multiple of --bench.kbert_seq_len")
-    if cfg.baseline_size not in ("base", "match"):
-        raise SystemExit(f"--bench.baseline_size must be base or match, got {cfg.baseline_size!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     kbert_modes = compile_modes(cfg.compile, "bench.compile", device)
