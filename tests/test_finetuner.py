@@ -1,7 +1,5 @@
-"""finetuner.py: the official SQuAD v2 scorer, span recovery, GLUE metrics, packing,
-overfitting runs, export/reload, bad inputs."""
+"""finetuner.py: span recovery, packing, overfitting runs, export/reload, bad inputs, schedules."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import evals
 import finetuner
+import trainer
 from conftest import shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ["bert_single", "nlnet_single", "bidaf_elmo_single"]
 
 
 @pytest.fixture(scope="module")
@@ -22,36 +21,6 @@ def squad_dev():
     return str(shared_path("data", "squad_v2", "validation.jsonl"))
 
 
-def test_scorer_equals_official_outputs(squad_dev):
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    official = json.load(open(pred_dir / "official_scores.json"))
-    gold = finetuner.load_squad_gold(squad_dev)
-    for name in SYSTEMS:
-        mine = finetuner.squad_v2_scores(gold, json.load(open(pred_dir / f"{name}.json")))
-        assert mine == official[name] and list(mine) == list(official[name]), name  # to the last digit, same keys
-    na = json.load(open(pred_dir / "bert_single.na_probs.json"))
-    mine = finetuner.squad_v2_scores(gold, json.load(open(pred_dir / "bert_single.json")), na)
-    assert mine == official["bert_single+na_probs"]
-
-
-def test_score_squad_command_and_official_json_format(squad_dev, tmp_path):
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    official = json.load(open(pred_dir / "official_scores.json"))
-    # the official nested JSON format, rebuilt from the jsonl rows
-    rows = [json.loads(line) for line in open(squad_dev)]
-    data = {"version": "v2.0", "data": [{"title": "all", "paragraphs": [
-        {"context": r["context"], "qas": [{"id": r["id"], "question": r["question"],
-                                          "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}
-        for r in rows]}]}
-    nested = tmp_path / "dev-v2.0.json"
-    nested.write_text(json.dumps(data))
-    cmd = [sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", str(nested), str(pred_dir / "bert_single.json"),
-           "--na-prob-file", str(pred_dir / "bert_single.na_probs.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == official["bert_single+na_probs"]
-    r = subprocess.run(cmd[:4] + [str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "missing.json does not exist" in r.stderr
 
 
 def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
@@ -65,8 +34,8 @@ def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
             assert 0 < f["start"] <= f["end"] < len(f["ids"]) - 1
             recovered.setdefault(f["qid"], f["context"][f["spans"][s][0]:f["spans"][e][1]].strip())
     exact = np.mean([recovered.get(r["id"]) == r["answers"]["text"][0] for r in answerable])
-    normalized = np.mean([r["id"] in recovered and finetuner.normalize_answer(recovered[r["id"]]) ==
-                          finetuner.normalize_answer(r["answers"]["text"][0]) for r in answerable])
+    normalized = np.mean([r["id"] in recovered and evals.normalize_answer(recovered[r["id"]]) ==
+                          evals.normalize_answer(r["answers"]["text"][0]) for r in answerable])
     covered = len(recovered) / len(answerable)
     print(f"{len(answerable)} answerable questions, {len(feats)} windows: answer inside a window {covered:.4f}, "
           f"exact text recovered {exact:.4f}, normalized match {normalized:.4f}")
@@ -134,17 +103,6 @@ def test_squad_windows_see_every_context_token_and_overlap_by_doc_stride(tok, tm
         finetuner.main(["--task", "squad", "--train.squad_max_len", "256", "--train.doc_stride", "200"])
     assert not os.path.exists(tmp_path / "logs")
 
-
-def test_glue_metrics_match_hand_computed_values():
-    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
-    assert finetuner.accuracy(pred, gold) == pytest.approx(0.6)
-    assert finetuner.f1_binary(pred, gold) == pytest.approx(2 / 3)
-    assert finetuner.matthews(pred, gold) == pytest.approx(1 / 6)
-    assert finetuner.matthews([1, 1], [1, 1]) == 0.0  # degenerate: defined as 0
-    x, y = [1, 2, 3, 4], [2, 4, 5, 4]
-    assert finetuner.pearson(x, y) == pytest.approx(3.5 / np.sqrt(23.75))
-    assert finetuner.spearman(x, y) == pytest.approx(3 / np.sqrt(22.5))  # tied ranks averaged
-    assert finetuner.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
 
 
 def test_packed_examples_classify_as_if_alone(tok):
@@ -224,10 +182,10 @@ def test_squad_subset_overfits(tmp_path, tok):
     na = json.load(open(pred_dir / "na_probs_sq48.json"))
     assert len(preds) == 48 and set(preds) == set(na)
     # the written files reproduce the reported numbers through the official scorer
-    gold = finetuner.load_squad_gold(str(sub))
-    assert finetuner.squad_v2_scores(gold, preds)["exact"] == s["exact"]
+    gold = evals.load_squad_gold(str(sub))
+    assert evals.squad_v2_scores(gold, preds)["exact"] == s["exact"]
     nonnull = json.load(open(pred_dir / "predictions_nonnull_sq48.json"))
-    assert finetuner.squad_v2_scores(gold, nonnull, na, 0.0)["f1"] == s["f1"]
+    assert evals.squad_v2_scores(gold, nonnull, na, 0.0)["f1"] == s["f1"]
 
 
 def test_bad_inputs_fail_clearly(tmp_path, tok):
@@ -253,7 +211,7 @@ def test_bad_inputs_fail_clearly(tmp_path, tok):
     with pytest.raises(SystemExit, match="v1.1 question without an answer"):
         finetuner.squad_features([{**row, "answers": {"text": [], "answer_start": []}}], tok, cfg, "x", v1=True)
     with pytest.raises(SystemExit, match="download_glue"):
-        finetuner.read_jsonl(str(tmp_path / "nope.jsonl"))
+        evals.read_jsonl(str(tmp_path / "nope.jsonl"))
     with pytest.raises(SystemExit, match=r"--task is required: one of cola, .*blimp \(--help lists every option\)"):
         finetuner.main(["--train.lr", "1e-4"])
     with pytest.raises(SystemExit, match="--train.device 'gpu': choose auto"):
@@ -282,34 +240,6 @@ def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch
         finetuner.main(base + ["--train.train_file", "good.jsonl", "--train.eval_files", "good.jsonl",
                                "--train.base_model", "exports/does-not-exist", "--train.run_id", "missing-model"])
 
-
-def test_score_squad_command_on_bad_or_partial_predictions(squad_dev, tmp_path):
-    """Not JSON, a JSON list, or predictions for half the questions: one line on stderr each;
-    missing predictions are scored as empty answers, so the scores are those of the file with
-    "" for every missing id."""
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    preds = json.load(open(pred_dir / "bert_single.json"))
-    half = dict(list(preds.items())[::2])
-    (tmp_path / "half.json").write_text(json.dumps(half))
-    (tmp_path / "list.json").write_text(json.dumps(list(preds.values())))
-    (tmp_path / "text.json").write_text("these are not predictions")
-    cmd = [sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", squad_dev]
-    for name, want in (("text.json", "text.json: not JSON"), ("list.json", "list.json: a JSON list, expected an object")):
-        r = subprocess.run(cmd + [str(tmp_path / name)], capture_output=True, text=True, timeout=120)
-        print(f"{name}: exit {r.returncode}: {r.stderr.strip()}")
-        assert r.returncode == 1 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run(cmd + [str(tmp_path / "half.json")], capture_output=True, text=True, timeout=120)
-    print(f"half.json: exit {r.returncode}: {r.stderr.strip()}")
-    assert r.returncode == 0 and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith(f"5,936 of 11,873 question ids have no prediction in {tmp_path / 'half.json'}, e.g. ")
-    # by hand: a missing id scores 1 when the question has no answer, else 0 (the empty answer);
-    # the predicted half is a complete file of its own questions, where the scorer equals the official one
-    gold, got = finetuner.load_squad_gold(squad_dev), json.loads(r.stdout)
-    scored = finetuner.squad_v2_scores({q: gold[q] for q in half}, half)
-    no_answer_missing = sum(not gold[q] for q in gold if q not in half)
-    for key in ("exact", "f1"):
-        want = (scored[key] * len(half) + 100 * no_answer_missing) / len(gold)
-        assert got["total"] == len(gold) and math.isclose(got[key], want, rel_tol=1e-12), (key, got[key], want)
 
 
 def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
@@ -504,3 +434,46 @@ def test_a_stopped_multi_seed_run_resumes_without_redoing_finished_seeds(tmp_pat
     assert {k: v for k, v in out["seeds"][1]["stsb"].items() if "per_s" not in k} == \
         {k: v for k, v in alone["stsb"].items() if "per_s" not in k}
     assert "seed:0 was finished by an earlier attempt" in open(tmp_path / "logs" / "st.txt").read()
+
+
+def test_one_lr_schedule_gives_the_old_finetuner_and_trainer_multipliers():
+    """trainer.lr_schedule serves both scripts. The finetuner's multiplier at every step equals
+    its old inline formula exactly; the trainer's equals its old one wherever warm-up and
+    cool-down do not overlap (where they did, the old one jumped down after the warm-up; the
+    decay now starts when the warm-up ends)."""
+    def old_finetuner(step, steps, warmup_frac):
+        warm = max(1, round(warmup_frac * steps))
+        return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+
+    def old_trainer(step, steps, warmup_frac, cooldown_frac):
+        warm, cool = max(1, round(warmup_frac * steps)), round(cooldown_frac * steps)
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, cool)) if step >= steps - cool else 1.0
+
+    checked = {"finetuner": 0, "trainer": 0}
+    for steps in (1, 2, 3, 7, 10, 25, 100, 1001):
+        for wf in (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0):
+            for step in range(steps + 2):
+                assert trainer.lr_schedule(step, steps, wf, 1.0) == old_finetuner(step, steps, wf), (step, steps, wf)
+                checked["finetuner"] += 1
+                for cf in (0.0, 0.1, 0.3, 0.5):
+                    if max(1, round(wf * steps)) <= steps - round(cf * steps):
+                        assert trainer.lr_schedule(step, steps, wf, cf) == old_trainer(step, steps, wf, cf), (step, steps, wf, cf)
+                        checked["trainer"] += 1
+    t = trainer.TrainConfig()
+    assert [trainer.lr_multiplier(s, t) for s in (0, 186, 187, 13090, 13091, 18699)] == \
+        [old_trainer(s, t.steps, t.warmup_frac, t.cooldown_frac) for s in (0, 186, 187, 13090, 13091, 18699)]
+    print(f"identical multipliers: {checked}")
+
+
+def test_betas_are_parsed_in_one_place_with_one_line_errors():
+    assert trainer.parse_betas("0.9,0.98", "--train.betas") == (0.9, 0.98)
+    assert trainer.parse_betas("0,0.999", "--train.betas") == (0.0, 0.999)
+    for bad in ("0.9", "0.9,x", "0.9,1", "-0.1,0.9", "0.9,0.98,0.99", "nan,0.9", ""):
+        with pytest.raises(SystemExit) as e:
+            trainer.parse_betas(bad, "--train.betas")
+        print(e.value)
+        assert str(e.value).startswith(f"--train.betas {bad!r}: ") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match=r"^--train.adam_betas '0.8;0.95': expected two numbers"):
+        trainer.check(trainer.parse_args(["--train.adam_betas", "0.8;0.95"]))
