@@ -16,6 +16,7 @@ import re
 import statistics
 import string
 import sys
+import typing
 
 import numpy as np
 import torch
@@ -284,41 +285,69 @@ def read_blimp(path: str, pairs_per_paradigm: int = 0) -> list[dict]:
 # BLiMP (Warstadt et al., TACL 2020): 67 paradigms x 1,000 pairs of a good and a bad sentence.
 # An encoder scores a sentence by its pseudo-log-likelihood (Salazar et al., ACL 2020, "Masked
 # Language Model Scoring"): mask each token in turn and add the log-probability of the true
-# one. The model comes in as a function, so KBERT and Hugging Face encoders that read the same
-# token ids are scored by the same code.
+# one. The model comes in as a function, so KBERT and any transformers masked LM are scored by
+# the same code (kbert_log_probs, masked_lm_log_probs), each with its own tokenizer's ids.
+
+
+class Specials(typing.NamedTuple):
+    """A tokenizer's special ids as pll_scores uses them: a sentence is cls tokens sep; the
+    masked token is replaced by mask; rows are padded with pad; no id of `special` is scored."""
+    cls: int
+    sep: int
+    mask: int
+    pad: int
+    special: frozenset
+
+
+KBERT_SPECIALS = Specials(CLS_ID, SEP_ID, MASK_ID, PAD_ID, frozenset((CLS_ID, MASK_ID, SEP_ID, PAD_ID)))
+
+
+def specials_of(tok) -> Specials:
+    """The special ids of KBERT's Tokenizer or of a transformers tokenizer (same attribute names)."""
+    if tok.mask_token_id is None:
+        raise SystemExit(f"{type(tok).__name__} has no mask token: BLiMP's pseudo-log-likelihoods need a masked LM's tokenizer")
+    return Specials(tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, frozenset(tok.all_special_ids))
 
 
 @torch.no_grad()
-def pll_scores(log_probs_fn, sentences: list[list[int]], batch_rows: int = 64, device="cpu") -> list[float]:
-    """Pseudo-log-likelihood of each sentence `[CLS] tokens [SEP]` (Tokenizer.encode ids).
-    Each ordinary token gets a copy of the sentence of its own with it replaced by [MASK]; the
-    copies of many sentences fill batches of batch_rows rows, right-padded with [PAD].
-    log_probs_fn(ids (B, T), attention_mask (B, T) bool, False at [PAD]) returns
+def pll_scores(log_probs_fn, sentences: list[list[int]], batch_rows: int = 64, device="cpu",
+               specials: Specials = KBERT_SPECIALS, progress=None) -> list[float]:
+    """Pseudo-log-likelihood of each sentence `[CLS] tokens [SEP]` (a tokenizer's encode: KBERT's
+    ids by default; a transformers tokenizer's with its specials_of). Each ordinary (non-special)
+    token gets a copy of the sentence of its own with it replaced by [MASK]; the copies of many
+    sentences fill batches of batch_rows rows, right-padded with [PAD].
+    log_probs_fn(ids (B, T), attention_mask (B, T) bool, False at the padding) returns
     log-probabilities (B, T, V), or (B, V) at each row's [MASK] only, which spares the
-    vocabulary head the other positions. Sums are taken in float64."""
+    vocabulary head the other positions. Sums are taken in float64. progress(done, total), if
+    given, is called with the copies scored after each batch."""
+    cls, sep, mask, pad, special = specials
     copies = []  # (sentence, masked position), shortest sentences first so that a batch pads little
     for s in sorted(range(len(sentences)), key=lambda s: len(sentences[s])):
         ids = sentences[s]
-        if len(ids) < 2 or ids[0] != CLS_ID or ids[-1] != SEP_ID or MASK_ID in ids or PAD_ID in ids:
+        if len(ids) < 2 or ids[0] != cls or ids[-1] != sep or mask in ids or pad in ids:
             raise ValueError(f"sentence {s}: expected [CLS] tokens [SEP] without [MASK] or [PAD], got {ids}")
-        copies += [(s, i) for i in range(1, len(ids) - 1) if ids[i] < CLS_ID]  # GPT-2 ids, no inner [SEP]
+        copies += [(s, i) for i in range(1, len(ids) - 1) if ids[i] not in special]  # no inner [SEP]
     totals = [0.0] * len(sentences)
     for k in tqdm(range(0, len(copies), batch_rows), desc="pll", unit="batch", leave=False, disable=None):
         chunk = copies[k:k + batch_rows]
-        ids = np.full((len(chunk), max(len(sentences[s]) for s, _ in chunk)), PAD_ID, dtype=np.int64)
+        lengths = np.array([len(sentences[s]) for s, _ in chunk])
+        ids = np.full((len(chunk), lengths.max()), pad, dtype=np.int64)
         for r, (s, _) in enumerate(chunk):
             ids[r, :len(sentences[s])] = sentences[s]
+        real = np.arange(ids.shape[1])[None, :] < lengths[:, None]
         rows, pos = np.arange(len(chunk)), np.array([i for _, i in chunk])
         target = torch.from_numpy(ids[rows, pos]).to(device)
-        ids[rows, pos] = MASK_ID
+        ids[rows, pos] = mask
         ids = torch.from_numpy(ids).to(device)
-        out = log_probs_fn(ids, ids != PAD_ID)
+        out = log_probs_fn(ids, torch.from_numpy(real).to(device))
         if out.dim() == 3:  # every position: keep each row's masked one
             out = out[torch.from_numpy(rows).to(device), torch.from_numpy(pos).to(device)]
         if out.shape[0] != len(chunk):
             raise ValueError(f"log_probs_fn returned {tuple(out.shape)} for {len(chunk)} rows with one [MASK] each")
         for (s, _), v in zip(chunk, out.gather(1, target[:, None])[:, 0].double().tolist()):
             totals[s] += v
+        if progress is not None:
+            progress(k + len(chunk), len(copies))
     return totals
 
 
@@ -341,10 +370,11 @@ def blimp_accuracy(rows: list[dict], good: list[float], bad: list[float]) -> dic
             "paradigms": paradigms, "pairs": len(rows)}
 
 
-def blimp_scores(log_probs_fn, rows: list[dict], tok, batch_rows: int = 64, device="cpu") -> dict:
-    """blimp_accuracy of rows (read_blimp) under log_probs_fn, plus every pair's PLLs."""
+def blimp_scores(log_probs_fn, rows: list[dict], tok, batch_rows: int = 64, device="cpu", progress=None) -> dict:
+    """blimp_accuracy of rows (read_blimp) under log_probs_fn, plus every pair's PLLs. tok is
+    KBERT's Tokenizer or the model's transformers tokenizer: its encode(text) gives the ids."""
     pll = pll_scores(log_probs_fn, [tok.encode(r[k]) for r in rows for k in ("sentence_good", "sentence_bad")],
-                     batch_rows, device)
+                     batch_rows, device, specials_of(tok), progress)
     return {**blimp_accuracy(rows, pll[0::2], pll[1::2]), "pll_good": pll[0::2], "pll_bad": pll[1::2]}
 
 
@@ -354,3 +384,12 @@ def kbert_log_probs(model: KBERT, ids: torch.Tensor, attention_mask: torch.Tenso
     of ids (B, T) in row order, the vocabulary head run at those positions only. attention_mask
     is not needed: a run of [PAD] is a document of its own, which no real token attends to."""
     return model.mlm_logits(model(ids)[ids == MASK_ID]).log_softmax(-1)
+
+
+@torch.no_grad()
+def masked_lm_log_probs(model, mask_id: int, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """pll_scores' log_probs_fn for a transformers masked LM (AutoModelForMaskedLM), with
+    functools.partial(masked_lm_log_probs, model, tokenizer.mask_token_id): log-probabilities
+    (N, V) at the N mask positions of ids (B, T), in row order, in float32."""
+    logits = model(input_ids=ids, attention_mask=attention_mask.long()).logits
+    return logits[ids == mask_id].float().log_softmax(-1)

@@ -1,7 +1,9 @@
-"""Finetune KBERT on GLUE and SQuAD (v2.0 and v1.1) and evaluate it; score it on BLiMP.
+"""Finetune KBERT, or any transformers encoder, on GLUE and SQuAD (v2.0 and v1.1) and evaluate
+it; score a masked LM on BLiMP.
 
     torchrun --standalone --nproc_per_node=8 finetuner.py --task mnli --train.base_model USER/kbert-base
     python finetuner.py --task squad_v2 --train.base_model exports/RUN_ID
+    python finetuner.py --task mnli --train.base_model answerdotai/ModernBERT-base   # a transformers model
     python finetuner.py --task mnli --train.seeds 0,1,2 --train.run_id NAME --train.resume auto  # re-queueable
     python finetuner.py --task blimp --train.base_model exports/RUN_ID [--train.blimp_pairs 100]
     python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]
@@ -12,6 +14,11 @@ data/download_blimp.py). GLUE examples are packed several to a row with document
 context tokens with the next. Metrics are the ones the literature reports, computed by
 evals.py (GLUE metrics, the official SQuAD v2 scorer, BLiMP's pseudo-log-likelihoods), which
 `--score-squad` runs alone. BLiMP needs no training.
+A transformers model (a folder or Hub id that is not a KBERT export) runs through the same
+loop: same examples, truncation, batches and order per seed, optimizer groups, schedule,
+metrics, seeds, exports; it keeps its own tokenizer and task head (AutoModelFor...), and each
+GLUE example gets a row of its own, padded to the batch's longest (an example sees only
+itself either way).
 Sections: tasks -> hyperparameters -> data -> model -> training and evaluation -> main.
 """
 import collections
@@ -20,6 +27,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -72,7 +80,7 @@ LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["ent
 
 @dataclass
 class FinetuneConfig:
-    base_model: str = "none"  # export folder or Hub id of a pretrained KBERT; "none": random init (tests)
+    base_model: str = "none"  # folder or Hub id: a KBERT export or any transformers model; "none": random KBERT (tests)
     preset: str = "base"  # model preset when base_model is none
     data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl;
     # BLiMP: data/blimp/blimp.jsonl
@@ -130,9 +138,52 @@ RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every",
 # Data
 
 
+class HFTokens:
+    """A transformers model's own fast tokenizer in the finetuner's terms (tokenizer.Tokenizer's,
+    for KBERT): pairs with the model's special tokens and longest-first truncation to max_len
+    (the rule tokenizer.py follows), segment ids where the model reads them, ordinary ids and
+    their character offsets (offset_mapping) for SQuAD windows, and where a pair puts its
+    special tokens (prefix a middle b suffix), read from the tokenizer's own encoding of one."""
+
+    def __init__(self, tok, name: str):
+        if not tok.is_fast:
+            raise SystemExit(f"--train.base_model {name}: its tokenizer ({type(tok).__name__}) is not a fast one; the "
+                             "finetuner needs a fast tokenizer's offset_mapping (tokenizer.json)")
+        self.tok, self.name = tok, name
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0  # masked out either way
+        enc = tok("a", "b")
+        seq, ids = enc.sequence_ids(), enc["input_ids"]
+        a0, b0 = seq.index(0), seq.index(1)
+        a1, b1 = len(seq) - seq[::-1].index(0), len(seq) - seq[::-1].index(1)
+        self.prefix, self.middle, self.suffix = ids[:a0], ids[a1:b0], ids[b1:]
+        types = enc["token_type_ids"] if "token_type_ids" in tok.model_input_names else None
+        # segment ids of (prefix, a token, middle, b token, suffix), or None: the model reads none
+        self.types = None if types is None else (types[:a0], types[a0], types[a1:b0], types[b0], types[b1:])
+
+    def pairs(self, texts: list[str], pairs: list[str] | None, max_len: int) -> list[dict]:
+        """{"ids"} (and "types") of each text or text pair, as the tokenizer's own call gives them."""
+        enc = self.tok(texts, pairs, truncation="longest_first", max_length=max_len)
+        if self.types is None:
+            return [{"ids": ids} for ids in enc["input_ids"]]
+        return [{"ids": ids, "types": types} for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return enc["input_ids"], [tuple(span) for span in enc["offset_mapping"]]
+
+    def window_types(self, n_question: int, n_context: int) -> list[int]:
+        prefix, a, middle, b, suffix = self.types
+        return prefix + [a] * n_question + middle + [b] * n_context + suffix
+
+
 def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> list[dict]:
+    """Each row checked, then encoded by tok: KBERT's Tokenizer, or HFTokens for a transformers
+    model. Items: {"ids", "label", "idx"}, plus "types" where the model reads segment ids."""
     spec = GLUE[task]
-    out = []
+    out, texts = [], []
     for n, row in enumerate(rows):
         missing = [k for k in (*spec.text_fields, "label") if k not in row]
         if missing:
@@ -142,10 +193,32 @@ def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> 
             raise SystemExit(f"{path} row {n}: label {label!r} out of range for {task} (0..{spec.n_labels - 1})")
         if label == -1:
             raise SystemExit(f"{path} row {n}: label -1 (a test split without labels) cannot be used here")
-        texts = [row[k] for k in spec.text_fields]
-        ids = tok.encode(texts[0], texts[1] if len(texts) > 1 else None, max_len=max_len)
-        out.append({"ids": ids, "label": float(label) if spec.n_labels == 1 else int(label), "idx": row.get("idx", n)})
-    return out
+        texts.append([row[k] for k in spec.text_fields])
+        out.append({"label": float(label) if spec.n_labels == 1 else int(label), "idx": row.get("idx", n)})
+    if isinstance(tok, HFTokens):
+        encoded = tok.pairs([t[0] for t in texts], [t[1] for t in texts] if len(spec.text_fields) > 1 else None, max_len) \
+            if texts else []
+    else:
+        encoded = [{"ids": tok.encode(t[0], t[1] if len(t) > 1 else None, max_len=max_len)} for t in texts]
+    return [{**e, **o} for e, o in zip(encoded, out)]
+
+
+def padded_batch(items: list[dict], pad_id: int, device) -> dict:
+    """A transformers model's batch: one example (GLUE) or window (SQuAD) a row, right-padded to
+    the longest -> input_ids, attention_mask and, where the items carry them, token_type_ids (B, T)."""
+    T = max(len(it["ids"]) for it in items)
+    ids = np.full((len(items), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), T), dtype=np.int64)
+    types = np.zeros((len(items), T), dtype=np.int64) if "types" in items[0] else None
+    for r, it in enumerate(items):
+        ids[r, :len(it["ids"])] = it["ids"]
+        mask[r, :len(it["ids"])] = 1
+        if types is not None:
+            types[r, :len(it["ids"])] = it["types"]
+    batch = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types).to(device)
+    return batch
 
 
 def pack_rows(examples: list[dict], pack_len: int) -> list[list[int]]:
@@ -186,14 +259,15 @@ def glue_batch(examples: list[dict], pack_len: int, device, round_rows: bool = F
     return torch.from_numpy(ids).to(device), torch.tensor(cls_pos, device=device), order
 
 
-def check_doc_stride(cfg: FinetuneConfig):
-    """The longest question leaves squad_max_len - max_query_len - 3 ([CLS], 2 x [SEP]) context
-    tokens per window; consecutive windows share doc_stride of them, so they must be fewer."""
-    budget = cfg.squad_max_len - cfg.max_query_len - 3
+def check_doc_stride(cfg: FinetuneConfig, n_special: int = 3):
+    """The longest question leaves squad_max_len - max_query_len - n_special (KBERT: [CLS], 2 x
+    [SEP]) context tokens per window; consecutive windows share doc_stride of them, so they must
+    be fewer."""
+    budget = cfg.squad_max_len - cfg.max_query_len - n_special
     if budget <= cfg.doc_stride:
         raise SystemExit(f"--train.doc_stride {cfg.doc_stride} (the overlap of consecutive windows) must be below the "
                          f"context budget {budget} = --train.squad_max_len {cfg.squad_max_len} - --train.max_query_len "
-                         f"{cfg.max_query_len} - 3; lower doc_stride or max_query_len, or raise squad_max_len")
+                         f"{cfg.max_query_len} - {n_special}; lower doc_stride or max_query_len, or raise squad_max_len")
 
 
 def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bool = False) -> list[dict]:
@@ -201,8 +275,15 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
     context piece sharing doc_stride tokens with the next (Hugging Face run_qa's stride), so
     every context token is in some window. Labels: token indices of the answer's first and
     last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
-    entirely inside the window."""
-    check_doc_stride(cfg)
+    entirely inside the window. With HFTokens (a transformers model) the special tokens are
+    that tokenizer's, laid out as it lays out a pair, and each window carries its segment ids
+    where the model reads them; the windows, the stride and the labels follow the same rule."""
+    prefix, middle, suffix = (tok.prefix, tok.middle, tok.suffix) if isinstance(tok, HFTokens) else ([CLS_ID], [SEP_ID], [SEP_ID])
+    if len(prefix) != 1 or len(suffix) != 1:  # the no-answer score is read at position 0, the context ends before the last
+        raise SystemExit(f"--train.base_model {tok.name}: its tokenizer lays a pair out as {len(prefix)} special token(s), "
+                         f"a, {len(middle)}, b, {len(suffix)}; SQuAD windows need one before the question and one at the end")
+    n_special = len(prefix) + len(middle) + len(suffix)
+    check_doc_stride(cfg, n_special)
     feats, encoded = [], {}  # a context is shared by many questions: tokenize it once
     for n, row in enumerate(rows):
         for k in ("id", "context", "question", "answers"):
@@ -222,7 +303,7 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
         if context not in encoded:
             encoded[context] = tok.encode_with_offsets(context)
         c_ids, spans = encoded[context]
-        budget = cfg.squad_max_len - len(q_ids) - 3
+        budget = cfg.squad_max_len - len(q_ids) - n_special
         first = last = None  # the answer's first and last context tokens
         if answers["text"]:
             text, start_char = answers["text"][0], answers["answer_start"][0]
@@ -239,13 +320,15 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
         offset = 0
         while True:
             piece = slice(offset, min(offset + budget, len(c_ids)))
-            ids = [CLS_ID] + q_ids + [SEP_ID] + c_ids[piece] + [SEP_ID]
-            ctx0 = len(q_ids) + 2  # index of the first context token in the window
+            ids = prefix + q_ids + middle + c_ids[piece] + suffix
+            ctx0 = len(prefix) + len(q_ids) + len(middle)  # index of the first context token in the window
             start = end = 0
             if first is not None and piece.start <= first <= last < piece.stop:  # the whole answer is inside
                 start, end = ctx0 + first - piece.start, ctx0 + last - piece.start
             feats.append({"qid": row["id"], "ids": ids, "start": start, "end": end, "ctx0": ctx0,
                           "spans": spans[piece], "context": context})
+            if isinstance(tok, HFTokens) and tok.types is not None:
+                feats[-1]["types"] = tok.window_types(len(q_ids), piece.stop - piece.start)
             if piece.stop >= len(c_ids):
                 break
             offset += step
@@ -299,7 +382,7 @@ def squad_postprocess(feats: list[dict], start_logits: list[np.ndarray], end_log
 
 
 # ----------------------------------------------------------------------------------------
-# Model: KBERT encoder + task head
+# Model: KBERT encoder + task head, or a transformers model with its own head
 
 
 class TaskModel(torch.nn.Module):
@@ -308,6 +391,40 @@ class TaskModel(torch.nn.Module):
     def __init__(self, encoder, head):
         super().__init__()
         self.encoder, self.head = encoder, head
+
+
+def read_base_config(name: str) -> tuple[str, dict]:
+    """("kbert" or "transformers", config.json) of --train.base_model: "kbert" for none and KBERT
+    exports (model_type kbert, or the old format's architecture KBERT), "transformers" for any
+    other model folder or Hub repo. A name that looks like a path (common.looks_like_path) is a
+    path: a missing folder is one line, never a question to the Hub."""
+    if name == "none":
+        return "kbert", {}
+    if common.looks_like_path(name):
+        if not os.path.isdir(name):
+            raise SystemExit(f"--train.base_model {name}: no such folder")
+        path = os.path.join(name, "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--train.base_model {name}: no config.json in it; give an export or a save_pretrained folder")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, "config.json")
+        except Exception as e:
+            raise SystemExit(f"--train.base_model {name}: not a local folder, and its config.json could not be fetched "
+                             f"from the Hugging Face Hub ({type(e).__name__}); for a folder write ./{name}") from None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--train.base_model {name}: config.json is not JSON ({e})") from None
+    return ("kbert" if config.get("model_type") == "kbert" or config.get("architecture") == "KBERT" else "transformers"), config
+
+
+def finetuned_on(kind: str, config: dict) -> str | None:
+    """The task a finetuned model's config.json names (None: not finetuned here)."""
+    return config.get("finetuning_task") if kind == "transformers" else config.get("kbert", config).get("task")
 
 
 def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
@@ -322,10 +439,13 @@ def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
         raise SystemExit(f"--train.base_model: {e}") from None
 
 
-def build_model(cfg: FinetuneConfig, task: str, seed: int):
+def build_model(cfg: FinetuneConfig, task: str, seed: int, kind: str = "kbert"):
     """A new head on the pretrained (or random) encoder; with --train.epochs 0, the finetuned
-    export base_model as it is, head included, to be evaluated."""
+    export base_model as it is, head included, to be evaluated. kind "transformers": the model
+    with transformers' own head (build_transformers_model)."""
     torch.manual_seed(seed)
+    if kind == "transformers":
+        return build_transformers_model(cfg, task)
     if cfg.epochs == 0:
         model, config = load_finetuned(cfg.base_model)
         if config.get("task") != task:
@@ -340,25 +460,65 @@ def make_head(task: str, d_model: int, dropout: float = 0.1):
     return SpanHead(d_model) if task in SQUAD else ClassificationHead(d_model, GLUE[task].n_labels, dropout)
 
 
-def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
+def build_transformers_model(cfg: FinetuneConfig, task: str):
+    """transformers' own head on base_model, in float32 (bf16 autocast on CUDA, as for KBERT):
+    AutoModelForSequenceClassification with the task's labels (STS-B: one output, problem type
+    regression) or AutoModelForQuestionAnswering; a new head starts from torch's RNG, seeded by
+    build_model. The dropout is the model config's own. With --train.epochs 0, base_model is a
+    model finetuned on this task and loads with its head."""
+    import transformers
+
+    if task in SQUAD:
+        return transformers.AutoModelForQuestionAnswering.from_pretrained(cfg.base_model, dtype=torch.float32)
+    labels = LABEL_NAMES[task]
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        cfg.base_model, dtype=torch.float32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if len(labels) == 1 else "single_label_classification")
+
+
+def encoder_and_head(model) -> tuple[list, list]:
+    """The parameters of the encoder and of the task head: a TaskModel's two parts, or a
+    transformers model's base model (BERT's pooler included) and the rest (its head)."""
+    if isinstance(model, TaskModel):
+        return list(model.encoder.parameters()), list(model.head.parameters())
+    encoder = {id(p) for p in model.base_model.parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in encoder], [p for p in params if id(p) not in encoder]
+
+
+def build_ft_optimizer(model, cfg: FinetuneConfig) -> MuonAdamW:
+    """AdamW on the encoder (lr) and the head (head_lr) with decoupled weight decay, for KBERT and
+    transformers models alike; optimizer muon (KBERT only): trainer's groups plus the head."""
     betas = trainer.parse_betas(cfg.betas, "--train.betas")
     head_lr = cfg.head_lr or cfg.lr
     if cfg.optimizer == "muon":  # trainer's groups: weight decay on the Muon matrices only
+        if not isinstance(model, TaskModel):
+            raise SystemExit("--train.optimizer muon splits KBERT's own parameter names; a transformers model takes adamw")
         t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr,
                                 weight_decay=decoupled_decay(cfg.weight_decay, cfg.muon_lr), adam_betas=cfg.betas)
         return trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
     if cfg.optimizer != "adamw":
         raise SystemExit(f"--train.optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    groups = [dict(kind="adamw", params=list(model.encoder.parameters()), lr=cfg.lr, betas=betas, eps=1e-6,
+    encoder, head = encoder_and_head(model)
+    groups = [dict(kind="adamw", name="encoder", params=encoder, lr=cfg.lr, betas=betas, eps=1e-6,
                    weight_decay=decoupled_decay(cfg.weight_decay, cfg.lr)),
-              dict(kind="adamw", params=list(model.head.parameters()), lr=head_lr, betas=betas, eps=1e-6,
+              dict(kind="adamw", name="head", params=head, lr=head_lr, betas=betas, eps=1e-6,
                    weight_decay=decoupled_decay(cfg.weight_decay, head_lr))]
     for g in groups:
         g["initial_lr"] = g["lr"]
     return MuonAdamW(groups, params_expected=list(model.parameters()))
 
 
-def model_card(task: str, cfg: FinetuneConfig, metrics_md: str) -> str:
+def model_card(task: str, cfg: FinetuneConfig, metrics_md: str, transformers: bool = False) -> str:
+    if transformers:
+        cls = "AutoModelForQuestionAnswering" if task in SQUAD else "AutoModelForSequenceClassification"
+        return (f"---\nlibrary_name: transformers\ntags: [{task}]\n---\n# {cfg.base_model} finetuned on {task}\n\n"
+                f"Finetuned by KBERT's finetuner.py (transformers' own {cls} head). Labels: "
+                f"{LABEL_NAMES.get(task, ['start', 'end'])}.\n\n```python\nfrom transformers import AutoTokenizer, {cls}\n\n"
+                f"model = {cls}.from_pretrained(\"path/to/this/folder\")\n"
+                f"tok = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```\n\n## Metrics\n{metrics_md}\n\n"
+                f"## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
     head = "span" if task in SQUAD else "classification"
     return (f"---\nlibrary_name: transformers\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
             f"Base model: `{cfg.base_model}`. Labels: {LABEL_NAMES.get(task, ['start', 'end'])}.\n\n"
@@ -387,6 +547,23 @@ def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cf
               "labels": LABEL_NAMES.get(task, ["start", "end"]), "base_model": cfg.base_model, "metrics": metrics}
     card = model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```")
     common.save_pretrained(folder, state, config, card, max_len=cfg.squad_max_len if task in SQUAD else cfg.max_len, log=log)
+    log(f"saved finetuned model to {folder}")
+
+
+def export_transformers(model, tok, task: str, metrics: dict, folder: str, cfg: FinetuneConfig, log):
+    """One seed's transformers model: save_pretrained of the model (finetuning_task set) and of its
+    tokenizer, and a card; loads with AutoModelForSequenceClassification/AutoModelForQuestionAnswering.
+    Written into folder.tmp and renamed, as common.save_pretrained does."""
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.finetuning_task = task
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```", transformers=True))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
     log(f"saved finetuned model to {folder}")
 
 
@@ -428,25 +605,47 @@ def median_seed(per_seed: list[dict], split: str, metric: str) -> dict:
 
 
 class Runner:
-    """One finetuning run (one seed) of one task, on 1 or N ranks."""
+    """One finetuning run (one seed) of one task, on 1 or N ranks. The model is KBERT's TaskModel
+    (GLUE examples packed into rows, SQuAD windows of squad_max_len) or, with `tokens` (HFTokens),
+    a transformers model fed one example or window a row, padded to the batch's longest."""
 
-    def __init__(self, task, cfg, d: common.Dist, log, signals: common.StopSignals | None = None, resume_cmd: str = ""):
+    def __init__(self, task, cfg, d: common.Dist, log, signals: common.StopSignals | None = None, resume_cmd: str = "",
+                 tokens: HFTokens | None = None):
         self.task, self.cfg, self.d, self.log = task, cfg, d, log
         self.signals, self.resume_cmd = signals, resume_cmd
+        self.tokens, self.hf = tokens, tokens is not None
         self.cuda = d.device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
     def prepare(self, model):
-        """Compile the encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows)."""
-        self.compiled = self.cuda and self.cfg.compile
+        """Compile KBERT's encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows);
+        a transformers model runs as it is."""
+        self.compiled = self.cuda and self.cfg.compile and not self.hf
         self.fixed_rows = -(-self.cfg.batch_size // self.d.world) if self.compiled else 0
-        self.encoder_fn = torch.compile(model.encoder, dynamic=False) if self.compiled else model.encoder
+        if not self.hf:
+            self.encoder_fn = torch.compile(model.encoder, dynamic=False) if self.compiled else model.encoder
 
     def encode(self, model, ids):
         with self.amp:
             return self.encoder_fn(ids)
 
+    def hf_outputs(self, model, batch_items, **labels):
+        """A transformers model's forward on batch_items (padded_batch), with its own loss when
+        labels are given (labels=..., or start_positions=/end_positions=)."""
+        batch = padded_batch(batch_items, self.tokens.pad_id, self.d.device)
+        with self.amp:
+            return model(**batch, **labels)
+
     def loss_on(self, model, batch_items):
+        if self.hf:  # transformers' own loss: mean cross-entropy (start and end for SQuAD) or MSE
+            as_tensor = lambda key, dtype: torch.tensor([it[key] for it in batch_items], device=self.d.device, dtype=dtype)
+            if self.task in SQUAD:
+                out = self.hf_outputs(model, batch_items, start_positions=as_tensor("start", torch.long),
+                                      end_positions=as_tensor("end", torch.long))
+            else:
+                out = self.hf_outputs(model, batch_items, labels=as_tensor(
+                    "label", torch.float32 if GLUE[self.task].n_labels == 1 else torch.long))
+            return out.loss.float() * len(batch_items)
         if self.task in SQUAD:
             n = len(batch_items)
             ids, valid, s, e = squad_batch(batch_items, self.cfg.squad_max_len, self.d.device, self.fixed_rows)
@@ -520,7 +719,15 @@ class Runner:
         for k in tqdm(range(0, len(mine), bs), desc="eval", disable=None if d.master else True, leave=False):
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]
-            if self.task in SQUAD:
+            if self.hf:
+                out = self.hf_outputs(model, batch)
+                if self.task in SQUAD:
+                    for i, si, ei in zip(idx, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()):
+                        outs[i] = (si, ei)
+                else:
+                    for i, logits in zip(idx, out.logits.float().cpu().numpy()):
+                        outs[i] = logits
+            elif self.task in SQUAD:
                 ids, valid, _, _ = squad_batch(batch, self.cfg.squad_max_len, d.device, bs if self.compiled else 0)
                 with self.amp:
                     s, e = model.head(self.encode(model, ids))
@@ -604,15 +811,65 @@ def export_bytes(cfg: FinetuneConfig) -> int:
     return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
+def check_base_model(task: str, cfg: FinetuneConfig, kind: str, config: dict):
+    """What base_model's config.json decides before anything is written: with --train.epochs 0 it
+    must be finetuned on this task; a transformers model takes adamw, runs uncompiled and must
+    have positions for the longest sequence."""
+    if cfg.epochs == 0 and finetuned_on(kind, config) != task:
+        raise SystemExit(f"--train.epochs 0 evaluates a model finetuned on {task}, but {cfg.base_model} was "
+                         f"finetuned on {finetuned_on(kind, config)!r}")
+    if kind != "transformers":
+        return
+    if cfg.optimizer != "adamw":
+        raise SystemExit(f"--train.optimizer {cfg.optimizer}: Muon's groups are KBERT's parameter names; "
+                         f"{cfg.base_model} is a transformers model: use adamw")
+    if cfg.compile:
+        raise SystemExit(f"--train.compile true applies to KBERT; {cfg.base_model} (a transformers model) runs uncompiled")
+    longest, option = (cfg.squad_max_len, "squad_max_len") if task in SQUAD else (cfg.max_len, "max_len")
+    if longest > config.get("max_position_embeddings", longest):
+        raise SystemExit(f"--train.{option} {longest} is longer than {cfg.base_model}'s max_position_embeddings "
+                         f"{config['max_position_embeddings']}")
+
+
+def load_tokenizer(name: str):
+    """A transformers model's own tokenizer (AutoTokenizer), or one line saying why not."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise SystemExit(f"--train.base_model {name}: its tokenizer does not load with AutoTokenizer "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def transformers_note(name: str, config: dict) -> str:
+    """The log's account of how a transformers model is finetuned here, next to KBERT."""
+    import transformers
+
+    return (f"base model {name}: transformers {'/'.join(config.get('architectures') or [config.get('model_type', '?')])} "
+            f"(transformers {transformers.__version__}). Shared with KBERT: the files and examples, the truncation rule, "
+            f"batches and their order per seed, AdamW groups (encoder, head) with decoupled weight decay, the schedule, "
+            f"metrics, SQuAD windows and postprocessing, exports. Its own: tokenizer, task head and loss, dropout (its "
+            f"config's; --train.dropout is KBERT's). Rows: one example or window each, padded to the batch's longest "
+            f"(KBERT packs GLUE examples into rows with document masks; an example sees only itself either way). "
+            f"float32 weights, bf16 autocast on CUDA")
+
+
 def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
-    """Data first (bad input fails in one line before anything is written), the preflight of
-    the output folder, then the log and one finetuning run per seed, stopped cleanly by
-    SIGTERM or SIGINT."""
+    """The base model's kind and data first (bad input fails in one line before anything is
+    written), the preflight of the output folder, then the log and one finetuning run per seed,
+    stopped cleanly by SIGTERM or SIGINT. base_model is KBERT (an export, or none) or any
+    transformers model (read_base_config): the same loop runs both (Runner)."""
+    kind, base_config = read_base_config(cfg.base_model)
+    check_base_model(task, cfg, kind, base_config)
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run(f"ft-{task}", cfg, d)
-    from tokenizer import Tokenizer
+    if kind == "transformers":
+        tok = HFTokens(load_tokenizer(cfg.base_model), cfg.base_model)
+    else:
+        from tokenizer import Tokenizer
 
-    tok = Tokenizer()
+        tok = Tokenizer()
     train_path, eval_paths = task_files(task, cfg)
     train_rows = evals.read_jsonl(train_path)[: cfg.max_train_examples or None] if cfg.epochs else []  # epochs 0: evaluate only
     eval_rows = {s: evals.read_jsonl(p)[: cfg.max_eval_examples or None] for s, p in eval_paths.items()}
@@ -625,14 +882,16 @@ def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> d
         eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
     n_seeds = len(cfg.seeds.split(","))
     common.preflight([(out_root, n_seeds * export_bytes(cfg), "--train.out_dir")], d)  # each seed's model
-    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device,
-               append=cfg.resume == "auto")
+    log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": task, **common.config_to_dict(cfg)},
+               d.device, append=cfg.resume == "auto")
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
+    if kind == "transformers":
+        log(transformers_note(cfg.base_model, base_config))
     resume_cmd = common.resume_command(os.path.abspath(__file__), sys.argv[1:] if argv is None else argv, run_id, d)
     aborted = f"aborted by a second SIGINT; finished seeds are kept; resume with: {resume_cmd}"
     with common.failures_logged(d, log, aborted), common.StopSignals() as signals:  # an expected failure is logged too
-        runner = Runner(task, cfg, d, log, signals, resume_cmd)
+        runner = Runner(task, cfg, d, log, signals, resume_cmd, tokens=tok if kind == "transformers" else None)
         summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner)
     return summary
 
@@ -656,7 +915,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
             log(f"seed:{seed} was finished by an earlier attempt: its results ({done}) and model are reused")
             per_seed.append(earlier["result"])
             continue
-        model = build_model(cfg, task, seed).to(d.device)
+        model = build_model(cfg, task, seed, "transformers" if runner.hf else "kbert").to(d.device)
         if cfg.epochs:
             fit = runner.fit(model, train_items, seed)
         else:
@@ -668,7 +927,11 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
             log(f"seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result[split].items()}))
         per_seed.append(result)
         if d.master:
-            export_finetuned(model, task, result, os.path.join(out_root, f"seed{seed}", "model"), cfg, log)
+            folder = os.path.join(out_root, f"seed{seed}", "model")
+            if runner.hf:
+                export_transformers(model, runner.tokens.tok, task, result, folder, cfg, log)
+            else:
+                export_finetuned(model, task, result, folder, cfg, log)
             with open(done + ".tmp", "w") as f:
                 json.dump({"result": result, "config": config}, f, indent=2)
             os.replace(done + ".tmp", done)
@@ -689,7 +952,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
         with open(os.path.join(folder, "README.md"), "w") as f:
             middle = " (the lower of the two middle seeds)" if len(seeds) % 2 == 0 else ""
             f.write(model_card(task, cfg, f"{len(seeds)} seed(s). This is seed {chosen['seed']}, the median by {split}/{metric}"
-                                          f"{middle}.\n\n{seeds_table(per_seed, summary['summary'])}"))
+                                          f"{middle}.\n\n{seeds_table(per_seed, summary['summary'])}", transformers=runner.hf))
         log(f"seed {chosen['seed']} has the median {split}/{metric} ({chosen[split][metric]:.2f}): {folder}")
         if cfg.hf_repo:
             common.push_to_hub(folder, cfg.hf_repo, log)
@@ -697,19 +960,35 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
 
 
 def run_blimp(cfg: FinetuneConfig) -> dict:
-    """Score an encoder on BLiMP, no training: out_dir/<run_id>/metrics.json (mean accuracy over
-    paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    """Score a masked LM on BLiMP, no training: KBERT (kbert_log_probs) or any transformers masked
+    LM (AutoModelForMaskedLM with its own tokenizer and mask token, masked_lm_log_probs), through
+    the same evals.blimp_scores, in float32. Writes out_dir/<run_id>/metrics.json (mean accuracy
+    over paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    kind, _ = read_base_config(cfg.base_model)
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run("blimp", cfg, d, resumable=False)
     from tokenizer import Tokenizer
 
     path = cfg.eval_files or os.path.join(cfg.data_dir, "blimp", "blimp.jsonl")
     rows = evals.read_blimp(path, cfg.blimp_pairs)
-    model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
-    log.header([os.path.abspath(__file__)], {"task": "blimp", **common.config_to_dict(cfg)}, d.device)
-    t0 = time.perf_counter()
     # float32, no autocast: bf16 log-probabilities would decide close pairs by rounding
-    result = evals.blimp_scores(functools.partial(evals.kbert_log_probs, model), rows, Tokenizer(), cfg.eval_batch_size, d.device)
+    if kind == "transformers":  # any masked LM with its own tokenizer and mask token
+        from transformers import AutoModelForMaskedLM
+
+        tok = load_tokenizer(cfg.base_model)
+        mask_id = evals.specials_of(tok).mask
+        model = AutoModelForMaskedLM.from_pretrained(cfg.base_model, dtype=torch.float32).to(d.device).eval()
+        log_probs = functools.partial(evals.masked_lm_log_probs, model, mask_id)
+    else:
+        tok = Tokenizer()
+        model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
+        log_probs = functools.partial(evals.kbert_log_probs, model)
+    log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": "blimp", **common.config_to_dict(cfg)},
+               d.device)
+    if kind == "transformers":
+        log(f"base model {cfg.base_model}: transformers {type(model).__name__}, its own tokenizer and mask token, float32")
+    t0 = time.perf_counter()
+    result = evals.blimp_scores(log_probs, rows, tok, cfg.eval_batch_size, d.device)
     dt = time.perf_counter() - t0
     good, bad = result.pop("pll_good"), result.pop("pll_bad")
     metrics = {"task": "blimp", "run_id": run_id, "base_model": cfg.base_model, "data": path,

@@ -236,7 +236,7 @@ def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch
         print(f"{name}: {e.value}")
         assert "\n" not in str(e.value) and not (tmp_path / "logs").exists() and not (tmp_path / "finetuned").exists()
     (tmp_path / "exports").mkdir()  # a local folder of that name: exports/... is a path, not a Hub id
-    with pytest.raises(SystemExit, match=r"^--train.base_model: no such export folder: exports/does-not-exist \("):
+    with pytest.raises(SystemExit, match=r"^--train.base_model exports/does-not-exist: no such folder$"):
         finetuner.main(base + ["--train.train_file", "good.jsonl", "--train.eval_files", "good.jsonl",
                                "--train.base_model", "exports/does-not-exist", "--train.run_id", "missing-model"])
 
