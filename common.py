@@ -391,7 +391,7 @@ def failures_logged(d: Dist, log, aborted: str):
         yield
     except SystemExit as e:
         if isinstance(e.code, str):
-            log(e.code)
+            log(e.code, console=False)  # Python prints it on stderr: into the log, not twice on the console
         cleanup_distributed(d)
         raise
     except KeyboardInterrupt:

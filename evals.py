@@ -78,6 +78,20 @@ def spearman(x, y) -> float:
 METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson, "spearman": spearman}
 
 
+def majority_floor(pred, gold, metrics) -> dict:
+    """The floor beside a classifier's scores: majority_<metric> for each metric, the score of
+    always predicting the evaluated split's most frequent gold label (majority_label; a tie goes
+    to the lower label), in percent as the metrics are reported (Matthews' is 0 for any constant
+    predictor); and top_prediction_share, the percentage of examples given the classifier's most
+    frequent prediction (top_prediction_label): 100 when it predicts one class for everything."""
+    labels, counts = np.unique(np.asarray(gold), return_counts=True)
+    majority = int(labels[np.argmax(counts)])
+    out = {f"majority_{m}": 100 * METRICS[m]([majority] * len(gold), gold) for m in metrics}
+    values, counts = np.unique(np.asarray(pred), return_counts=True)
+    return {**out, "majority_label": majority, "top_prediction_share": 100 * float(counts.max()) / len(pred),
+            "top_prediction_label": int(values[np.argmax(counts)])}
+
+
 # ----------------------------------------------------------------------------------------
 # The official SQuAD v2.0 metric (same arithmetic, same order of summation as evaluate-v2.0.py)
 
@@ -200,6 +214,10 @@ def score_squad_cli(argv: list[str]):
             raise SystemExit(f"--score-squad: file {p} does not exist")
     gold = load_squad_gold(args.data_file)
     preds = read_json_object(args.pred_file, str, "{question id: answer text, '' for no answer}")
+    if not preds.keys() & gold.keys():  # scored as all empty answers, this would print the no-answer share as F1
+        raise SystemExit(f"{args.pred_file}: none of its {len(preds):,} question ids is one of the {len(gold):,} in "
+                         f"{args.data_file} ({', '.join(list(preds)[:3]) or 'no ids'} there; {', '.join(list(gold)[:3])} "
+                         f"here): predictions for another data file?")
     na_probs = read_json_object(args.na_prob_file, (int, float), "{question id: no-answer probability}") \
         if args.na_prob_file else None
     for what, path, got, fill in (("prediction", args.pred_file, preds, "an empty answer"),

@@ -22,11 +22,14 @@ itself either way).
 Sections: tasks -> hyperparameters -> data -> model -> training and evaluation -> main.
 """
 import collections
+import dataclasses
+import datetime
 import difflib
 import functools
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -41,7 +44,7 @@ import common
 import evals
 import trainer
 from evals import blimp_scores, kbert_log_probs, read_blimp  # noqa: F401  bench/compare_recipes.py's names until it imports evals
-from model import CLS_ID, KBERT, PAD_ID, SEP_ID, ClassificationHead, ModelConfig, SpanHead
+from model import CLS_ID, KBERT, PAD_ID, PRESETS, SEP_ID, ClassificationHead, ModelConfig, SpanHead
 from optimizer import MuonAdamW, decoupled_decay
 
 # ----------------------------------------------------------------------------------------
@@ -127,11 +130,122 @@ class FinetuneConfig:
     # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
     log_every: int = 20  # steps between loss lines in the log
+    # seconds between progress lines (done/total, elapsed, ETA, time of day) in training, evaluation and BLiMP, so that
+    # a run off a terminal (no progress bar) shows it is alive; 0: none
+    progress_every_s: float = 30.0
 
 
 GROUPS = {"train": FinetuneConfig}
 # options that name, place or launch a run without changing a seed's result
-RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every", "device", "out_dir")
+RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every", "progress_every_s", "device", "out_dir")
+
+
+# ----------------------------------------------------------------------------------------
+# Checks: every option's rule, applied before the log or any file is written
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--train.seeds "0,1,2" -> [0, 1, 2]: distinct integers, or one line."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--train.seeds {text!r}: must be distinct integers, comma-separated (0,1,2)")
+    return seeds
+
+
+def _parses(parse):
+    """A rule that holds when parse(value) does not exit."""
+    def valid(value) -> bool:
+        try:
+            parse(value)
+        except SystemExit:
+            return False
+        return True
+    return valid
+
+
+def _at_least(low):
+    return lambda v: math.isfinite(v) and v >= low
+
+
+def _stems_distinct(files: str) -> bool:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in files.split(",")] if files else []
+    return all(stems) and len(set(stems)) == len(stems)
+
+
+# field -> (rule, what a valid value is): one table, so that a config mechanism with a rule next to each field can
+# take it over; the rules that join several options, or need the base model or the data, are in check() and later
+ANY = (lambda v: True, "")
+RULES = {
+    "base_model": (bool, "a folder, a Hub id or none"),
+    "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
+    "data_dir": (bool, "a folder"),
+    "train_file": ANY,
+    "eval_files": (_stems_distinct, "comma-separated files with distinct names (each split is named by its file's stem)"),
+    "max_train_examples": (_at_least(0), ">= 0 (0: all)"),
+    "max_eval_examples": (_at_least(0), ">= 0 (0: all)"),
+    "optimizer": (lambda v: v in ("adamw", "muon"), "adamw or muon"),
+    "lr": (_at_least(0), "a learning rate >= 0"),
+    "head_lr": (_at_least(0), ">= 0 (0: the same as lr)"),
+    "muon_lr": (_at_least(0), "a learning rate >= 0"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1) (the shrink per step at the schedule's peak)"),
+    "betas": (_parses(lambda v: trainer.parse_betas(v, "--train.betas")), "two numbers in [0, 1) as b1,b2, e.g. 0.9,0.98"),
+    "warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "epochs": (_at_least(0), ">= 0 (0: evaluate a finetuned model)"),
+    "batch_size": (_at_least(1), ">= 1"),
+    "max_len": (_at_least(5), ">= 5 (room for [CLS] a [SEP] b [SEP])"),
+    "pack_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
+    "squad_max_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
+    "doc_stride": (_at_least(0), ">= 0"),
+    "max_query_len": (_at_least(1), ">= 1"),
+    "max_answer_len": (_at_least(1), ">= 1"),
+    "n_best": (_at_least(1), ">= 1"),
+    "null_threshold": (math.isfinite, "a finite number"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seeds": (_parses(parse_seeds), "distinct integers, comma-separated (0,1,2)"),
+    "eval_batch_size": (_at_least(1), ">= 1"),
+    "blimp_pairs": (_at_least(0), ">= 0 (0: all pairs)"),
+    "out_dir": (bool, "a folder"),
+    "hf_repo": (lambda v: not v or re.fullmatch(r"[\w.-]+/[\w.-]+", v), "empty or a Hub repo id USER/NAME"),
+    "run_id": (lambda v: not v or (re.fullmatch(r"[\w.-]+", v) and not v.startswith(".")),
+               "empty or a name of letters, digits, '.', '_' and '-' (it names a log file and a folder)"),
+    "overwrite": ANY,  # booleans are parsed by common.parse_overrides
+    "resume": (lambda v: v in ("", "auto"), "empty or auto: the finetuner resumes with auto (and --train.run_id): "
+                                            "finished seeds are kept, an unfinished one starts over"),
+    "compile": ANY,
+    "device": (_parses(common.check_device), "auto (cuda if available), cpu, cuda or cuda:N, where CUDA is available"),
+    "log_every": (_at_least(1), ">= 1"),
+    "progress_every_s": (_at_least(0), "seconds >= 0 (0: no progress lines)"),
+}
+
+
+def check(cfg: FinetuneConfig, task: str) -> None:
+    """Every option against its rule (RULES), then the rules that join options: the first that
+    fails exits 1 with one line, before the log or any file exists. What needs the base model's
+    config.json (check_base_model) or the data files is checked next, still before the log."""
+    for f in dataclasses.fields(cfg):
+        valid, what = RULES[f.name]
+        value = getattr(cfg, f.name)
+        if not valid(value):
+            if f.name == "device":
+                common.check_device(value)  # its own line: the device's format, or CUDA missing
+            raise SystemExit(f"--train.{f.name} {value!r}: must be {what}")
+    if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
+        raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
+                         "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
+    if task == "blimp":
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
+        return
+    if cfg.epochs == 0 and cfg.base_model == "none":
+        raise SystemExit("--train.epochs 0 evaluates a finetuned model: give it as --train.base_model "
+                         "(finetuned/<run_id>/seed<k>/model); otherwise --train.epochs must be > 0")
+    if cfg.max_len > cfg.pack_len:
+        raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
+    if task in SQUAD:
+        check_doc_stride(cfg)
 
 
 # ----------------------------------------------------------------------------------------
@@ -497,7 +611,10 @@ def build_ft_optimizer(model, cfg: FinetuneConfig) -> MuonAdamW:
             raise SystemExit("--train.optimizer muon splits KBERT's own parameter names; a transformers model takes adamw")
         t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr,
                                 weight_decay=decoupled_decay(cfg.weight_decay, cfg.muon_lr), adam_betas=cfg.betas)
-        return trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
+        opt = trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
+        for g in opt.param_groups:
+            g["name"] = "head" if g["name"] == "extra0" else g["name"]
+        return opt
     if cfg.optimizer != "adamw":
         raise SystemExit(f"--train.optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
     encoder, head = encoder_and_head(model)
@@ -604,6 +721,34 @@ def median_seed(per_seed: list[dict], split: str, metric: str) -> dict:
 # Training and evaluation
 
 
+def clock() -> str:
+    """The time of day that starts every step, progress and result line of the finetuner's log."""
+    return datetime.datetime.now().strftime("%H:%M:%S")
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress line every every_s seconds (none with 0): what, done/total, elapsed time and an
+    ETA at the rate so far, with the time of day. For runs off a terminal, where the progress
+    bars are off and a long pass would otherwise print nothing for minutes."""
+
+    def __init__(self, log, what: str, unit: str, every_s: float):
+        self.log, self.what, self.unit, self.every_s = log, what, unit, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int):
+        now = time.perf_counter()
+        if not self.every_s or not 0 < done < total or now - self.last < self.every_s:
+            return
+        self.last, elapsed = now, now - self.t0
+        self.log(f"{clock()} {self.what} {done}/{total} {self.unit} elapsed:{duration(elapsed)} "
+                 f"eta:{duration(elapsed / done * (total - done))}")
+
+
 class Runner:
     """One finetuning run (one seed) of one task, on 1 or N ranks. The model is KBERT's TaskModel
     (GLUE examples packed into rows, SQuAD windows of squad_max_len) or, with `tokens` (HFTokens),
@@ -683,6 +828,7 @@ class Runner:
         order = []
         model.train()
         t0, seen = time.perf_counter(), 0
+        progress = Progress(self.log, f"seed:{seed} training", "steps", cfg.progress_every_s)
         for step in range(steps):
             if len(order) < cfg.batch_size:
                 order += list(rng.permutation(len(train_items)))
@@ -703,11 +849,14 @@ class Runner:
                 if not math.isfinite(lv):
                     raise SystemExit(f"step {step + 1}: loss is {lv}; lower --train.lr")
                 dt = time.perf_counter() - t0
-                self.log(f"seed:{seed} step:{step + 1}/{steps} loss:{lv:.4f} lr:{mult:.3f} examples/s:{seen / dt:.1f}")
+                lrs = " ".join(f"lr_{g['name']}:{g['lr']:.3g}" for g in opt.param_groups)  # this step's, as trainer.py logs
+                self.log(f"{clock()} seed:{seed} step:{step + 1}/{steps} loss:{lv:.4f} {lrs} examples/s:{seen / dt:.1f}")
+            else:
+                progress(step + 1, steps)
         return {"steps": steps, "train_examples_per_s": seen / (time.perf_counter() - t0)}
 
     @torch.no_grad()
-    def predict(self, model, items):
+    def predict(self, model, items, what: str = "evaluation"):
         """Outputs for items (this rank's share, gathered on every rank): class logits /
         regression values for GLUE, (start, end) logits per window for SQuAD."""
         model.eval()
@@ -715,8 +864,10 @@ class Runner:
         mine = list(range(d.rank, len(items), d.world))
         outs = {}
         t0 = time.perf_counter()
+        progress = Progress(self.log, what, "examples" if self.task in GLUE else "windows", self.cfg.progress_every_s)
         # a progress bar on a terminal only: redirected to a file its carriage returns garble the log
         for k in tqdm(range(0, len(mine), bs), desc="eval", disable=None if d.master else True, leave=False):
+            progress(k, len(mine))
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]
             if self.hf:
@@ -749,7 +900,7 @@ class Runner:
         return [outs[i] for i in range(len(items))], rate * d.world
 
     def evaluate(self, model, split_name, rows, items, out_dir):
-        outs, rate = self.predict(model, items)
+        outs, rate = self.predict(model, items, f"evaluation of {split_name}")
         if self.task in SQUAD:
             preds, diffs = squad_postprocess(items, [o[0] for o in outs], [o[1] for o in outs], self.cfg)
             gold = collections.OrderedDict((r["id"], list(r["answers"]["text"])) for r in rows)
@@ -770,6 +921,10 @@ class Runner:
             gold = [it["label"] for it in items]
             pred = [float(o[0]) for o in outs] if spec.n_labels == 1 else [int(np.argmax(o)) for o in outs]
             scores = {m: 100 * evals.METRICS[m](pred, gold) for m in spec.metrics}
+            if spec.n_labels > 1:  # the floor a small model's numbers stand on: a constant predictor's
+                floor = evals.majority_floor(pred, gold, spec.metrics)
+                majority, top = floor.pop("majority_label"), floor.pop("top_prediction_label")
+                scores.update(floor, majority_class=LABEL_NAMES[self.task][majority], top_prediction=LABEL_NAMES[self.task][top])
             if self.d.master:
                 os.makedirs(out_dir, exist_ok=True)
                 with open(os.path.join(out_dir, f"predictions_{split_name}.jsonl"), "w") as f:
@@ -856,10 +1011,11 @@ def transformers_note(name: str, config: dict) -> str:
 
 
 def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
-    """The base model's kind and data first (bad input fails in one line before anything is
-    written), the preflight of the output folder, then the log and one finetuning run per seed,
-    stopped cleanly by SIGTERM or SIGINT. base_model is KBERT (an export, or none) or any
-    transformers model (read_base_config): the same loop runs both (Runner)."""
+    """The options (check), the base model's kind and the data first (bad input fails in one line
+    before anything is written), the preflight of the output folder, then the log and one
+    finetuning run per seed, stopped cleanly by SIGTERM or SIGINT. base_model is KBERT (an
+    export, or none) or any transformers model (read_base_config): the same loop runs both."""
+    check(cfg, task)
     kind, base_config = read_base_config(cfg.base_model)
     check_base_model(task, cfg, kind, base_config)
     d = common.setup_distributed(cfg.device)
@@ -880,7 +1036,7 @@ def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> d
     else:
         train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path)
         eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
-    n_seeds = len(cfg.seeds.split(","))
+    n_seeds = len(parse_seeds(cfg.seeds))
     common.preflight([(out_root, n_seeds * export_bytes(cfg), "--train.out_dir")], d)  # each seed's model
     log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": task, **common.config_to_dict(cfg)},
                d.device, append=cfg.resume == "auto")
@@ -900,7 +1056,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
     """Every seed: build, fit, evaluate on every split, save (seed<k>/result.json last: the
     seed is finished); then the summary over seeds and the median seed's card (pushed with
     --train.hf_repo). With --train.resume auto a seed with a result.json is not redone."""
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    seeds = parse_seeds(cfg.seeds)
     # what a finished seed's result depends on: an earlier attempt's seed is reused only if these match
     config = {k: v for k, v in common.config_to_dict(cfg).items() if k not in RUN_OPTIONS}
     per_seed = []
@@ -924,7 +1080,8 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
         result = {"seed": seed, **fit}
         for split, items in eval_items.items():
             result[split] = runner.evaluate(model, split, eval_rows[split], items, os.path.join(out_root, f"seed{seed}"))
-            log(f"seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result[split].items()}))
+            log(f"{clock()} seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                                for k, v in result[split].items()}))
         per_seed.append(result)
         if d.master:
             folder = os.path.join(out_root, f"seed{seed}", "model")
@@ -964,6 +1121,7 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
     LM (AutoModelForMaskedLM with its own tokenizer and mask token, masked_lm_log_probs), through
     the same evals.blimp_scores, in float32. Writes out_dir/<run_id>/metrics.json (mean accuracy
     over paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    check(cfg, "blimp")
     kind, _ = read_base_config(cfg.base_model)
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run("blimp", cfg, d, resumable=False)
@@ -981,14 +1139,15 @@ def run_blimp(cfg: FinetuneConfig) -> dict:
         log_probs = functools.partial(evals.masked_lm_log_probs, model, mask_id)
     else:
         tok = Tokenizer()
-        model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
+        model = build_encoder(cfg, parse_seeds(cfg.seeds)[0]).to(d.device).eval()  # the seed: base_model none only
         log_probs = functools.partial(evals.kbert_log_probs, model)
     log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": "blimp", **common.config_to_dict(cfg)},
                d.device)
     if kind == "transformers":
         log(f"base model {cfg.base_model}: transformers {type(model).__name__}, its own tokenizer and mask token, float32")
     t0 = time.perf_counter()
-    result = evals.blimp_scores(log_probs, rows, tok, cfg.eval_batch_size, d.device)
+    progress = Progress(log, "blimp", "masked copies", cfg.progress_every_s)
+    result = evals.blimp_scores(log_probs, rows, tok, cfg.eval_batch_size, d.device, progress)
     dt = time.perf_counter() - t0
     good, bad = result.pop("pll_good"), result.pop("pll_bad")
     metrics = {"task": "blimp", "run_id": run_id, "base_model": cfg.base_model, "data": path,
@@ -1033,29 +1192,7 @@ def main(argv: list[str] | None = None):
     if task is None:
         raise SystemExit(f"--task is required: one of {', '.join(TASKS)} (--help lists every option)")
     cfg = FinetuneConfig(**overrides["train"])
-    common.check_device(cfg.device)
-    if cfg.resume not in ("", "auto"):
-        raise SystemExit(f"--train.resume {cfg.resume!r}: the finetuner resumes with auto (and --train.run_id): "
-                         "finished seeds are kept, an unfinished one starts over")
-    if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
-        raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
-                         "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
-    if task == "blimp":
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
-        if cfg.blimp_pairs < 0:
-            raise SystemExit(f"--train.blimp_pairs must be >= 0 (0: all pairs), got {cfg.blimp_pairs}")
-        return run_blimp(cfg)
-    if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.base_model == "none"):
-        raise SystemExit("--train.epochs 0 evaluates a finetuned model: give it as --train.base_model "
-                         "(finetuned/<run_id>/seed<k>/model); otherwise --train.epochs must be > 0")
-    if cfg.pack_len % 128 or cfg.squad_max_len % 128:
-        raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
-    if cfg.max_len > cfg.pack_len:
-        raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
-    if task in SQUAD:
-        check_doc_stride(cfg)
-    return run_task(task, cfg, argv)
+    return run_blimp(cfg) if task == "blimp" else run_task(task, cfg, argv)
 
 
 if __name__ == "__main__":

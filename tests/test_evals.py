@@ -93,3 +93,30 @@ def test_score_squad_command_on_bad_or_partial_predictions(squad_dev, tmp_path):
     for key in ("exact", "f1"):
         want = (scored[key] * len(half) + 100 * no_answer_missing) / len(gold)
         assert got["total"] == len(gold) and math.isclose(got[key], want, rel_tol=1e-12), (key, got[key], want)
+
+
+def test_score_squad_refuses_predictions_that_match_no_question(tmp_path):
+    """Issue 19 item 9: a predictions file none of whose ids is a question of the data file
+    (another data file's predictions, or none at all) is refused: exit 1, one line naming ids of
+    both files. Before, every question was scored as unanswered: the no-answer share (F1 50.07
+    on the SQuAD v2 dev set, 50.0 here) was printed and the command exited 0."""
+    rows = [{"id": f"q{i}", "context": "Paris is in France.", "question": "Where is Paris?",
+             "answers": {"text": ["France"], "answer_start": [12]} if i % 2 else {"text": [], "answer_start": []}}
+            for i in range(6)]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, preds, want in (("other.json", {f"other{i}": "France" for i in range(6)}, "none of its 6 question ids"),
+                              ("empty.json", {}, "none of its 0 question ids")):
+        (tmp_path / name).write_text(json.dumps(preds))
+        with pytest.raises(SystemExit) as e:
+            evals.score_squad_cli([str(data), str(tmp_path / name)])
+        print(e.value)
+        assert want in str(e.value) and "\n" not in str(e.value) and "q0, q1, q2 here" in str(e.value)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", str(data),
+                        str(tmp_path / "other.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "(other0, other1, other2 there; q0, q1, q2 here)" in r.stderr
+    (tmp_path / "half.json").write_text(json.dumps({"q1": "France", "other": "x"}))  # one id in common: scored as before
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", str(data),
+                        str(tmp_path / "half.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["total"] == 6

@@ -1,6 +1,8 @@
 """finetuner.py: span recovery, packing, overfitting runs, export/reload, bad inputs, schedules."""
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,8 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def squad_dev():
     return str(shared_path("data", "squad_v2", "validation.jsonl"))
-
-
 
 
 def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
@@ -102,7 +102,6 @@ def test_squad_windows_see_every_context_token_and_overlap_by_doc_stride(tok, tm
     with pytest.raises(SystemExit, match=r"--train.doc_stride 200 .*--train.squad_max_len 256"):
         finetuner.main(["--task", "squad", "--train.squad_max_len", "256", "--train.doc_stride", "200"])
     assert not os.path.exists(tmp_path / "logs")
-
 
 
 def test_packed_examples_classify_as_if_alone(tok):
@@ -241,11 +240,8 @@ def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch
                                "--train.base_model", "exports/does-not-exist", "--train.run_id", "missing-model"])
 
 
-
 def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
     """torchrun --nproc_per_node=2 (gloo) splits each batch over ranks: same losses and metrics."""
-    import re
-
     src = shared_path("data", "glue", "mnli", "validation_matched.jsonl")
     sub = tmp_path / "m64.jsonl"
     sub.write_text("".join(open(src).readlines()[:64]))
@@ -391,7 +387,6 @@ def test_a_stopped_multi_seed_run_resumes_without_redoing_finished_seeds(tmp_pat
     step finishes and the run exits 143 naming the command that resumes. That command (a rerun
     with --train.resume auto) does not train seed 0 again but reuses its saved result, trains
     seed 1 from its start to what a run of seed 1 alone gives, and summarizes both."""
-    import re
     import shlex
     import signal
 
@@ -477,3 +472,130 @@ def test_betas_are_parsed_in_one_place_with_one_line_errors():
         assert str(e.value).startswith(f"--train.betas {bad!r}: ") and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match=r"^--train.adam_betas '0.8;0.95': expected two numbers"):
         trainer.check(trainer.parse_args(["--train.adam_betas", "0.8;0.95"]))
+
+
+# -- issue 19: every option checked first, floors, progress, learning rates in the log ------------
+
+
+MNLI_ROWS = [{"premise": f"The car number {i} is parked by the station.", "hypothesis": "A car " * (i % 3 + 1) + "is parked.",
+              "label": [0, 0, 1, 2][i % 4], "idx": i} for i in range(8)]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_every_option_has_a_rule_and_a_bad_value_stops_before_any_file(tmp_path, monkeypatch):
+    """Issue 19 item 5: every FinetuneConfig field has a rule in finetuner.RULES; a bad value of
+    each exits with one line naming the option and the value, before a log or a folder exists.
+    Before, --train.seeds 0,x and --train.batch_size 0 ended in a ValueError and a
+    ZeroDivisionError traceback after the log was written."""
+    assert set(finetuner.RULES) == {f.name for f in dataclasses.fields(finetuner.FinetuneConfig)}
+    monkeypatch.chdir(tmp_path)
+    bad = {"base_model": "", "preset": "huge", "data_dir": "", "eval_files": "a/dev.jsonl,b/dev.jsonl",
+           "max_train_examples": "-1", "max_eval_examples": "-2", "optimizer": "sgd", "lr": "-1e-5", "head_lr": "inf",
+           "muon_lr": "nan", "weight_decay": "1.5", "betas": "0.9", "warmup_frac": "1.5", "epochs": "-1", "batch_size": "0",
+           "max_len": "3", "pack_len": "1000", "squad_max_len": "0", "doc_stride": "-1", "max_query_len": "0",
+           "max_answer_len": "0", "n_best": "0", "null_threshold": "nan", "dropout": "1", "seeds": "0,x",
+           "eval_batch_size": "0", "blimp_pairs": "-1", "out_dir": "", "hf_repo": "not a repo", "run_id": "a/b",
+           "resume": "yes", "device": "gpu", "log_every": "0", "progress_every_s": "-1"}
+    unchecked = {"train_file", "overwrite", "compile"}  # any path (read before the log), booleans (parsed)
+    assert set(bad) | unchecked == set(finetuner.RULES)
+    for key, value in {**bad, "seeds": "1,1"}.items():
+        with pytest.raises(SystemExit) as e:
+            finetuner.main(["--task", "mnli", f"--train.{key}", value])
+        print(e.value)
+        assert str(e.value).startswith(f"--train.{key} ") and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_option_or_a_missing_folder_exits_1_with_one_line_and_no_log(tmp_path):
+    """Issue 19 items 5 and 8, as a user sees them: exit 1, one line on stderr, nothing on stdout,
+    no log. Before: tracebacks for --train.seeds 0,x and --train.batch_size 0; for a base model
+    under exports/ in a fresh clone (no exports/ folder), the Hub's LocalEntryNotFoundError, printed
+    twice, each time leaving logs/<run_id>.txt behind."""
+    cases = {"--train.seeds": ("0,x", "--train.seeds '0,x': must be distinct integers"),
+             "--train.batch_size": ("0", "--train.batch_size 0: must be >= 1"),
+             "--train.base_model": ("exports/does-not-exist", "--train.base_model exports/does-not-exist: no such folder")}
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    for option, (value, want) in cases.items():
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "finetuner.py"), "--task", "mnli", option, value],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        print(f"{option} {value}: exit {r.returncode}, stdout {r.stdout!r}, stderr {r.stderr!r}")
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (1, "", r.stderr.strip().splitlines()[0])
+        assert r.stderr.startswith(want) and os.listdir(tmp_path) == []
+
+
+def test_a_name_that_looks_like_a_path_is_never_asked_of_the_hub(tmp_path, monkeypatch):
+    """Issue 19 item 8: exports/..., finetuned/..., ./... and an existing folder's sub-path are
+    folders; missing, each is one line, and the Hub is never asked."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    for name in ("exports/does-not-exist", "finetuned/x/seed0/model", "./model", "../model", "mine/model"):
+        with pytest.raises(SystemExit, match=f"^--train.base_model {re.escape(name)}: no such folder$"):
+            finetuner.main(["--task", "mnli", "--train.base_model", name])
+    (tmp_path / "mine" / "model").mkdir()
+    with pytest.raises(SystemExit, match="^--train.base_model mine/model: no config.json in it"):
+        finetuner.main(["--task", "mnli", "--train.base_model", "mine/model"])
+    assert os.listdir(tmp_path) == ["mine"]
+
+
+def test_classification_metrics_carry_the_majority_floor_and_the_top_prediction_share(tmp_path, tok):
+    """Issue 19 item 14: with lr 0 KBERT's classifier (zero output layer) predicts label 0 for
+    every example: its accuracy is the majority class's, all of its predictions are one class;
+    metrics.json and the log say so next to the accuracy. By hand: labels 0,0,1,2 x 2, majority
+    class 0 (entailment) with 4 of 8; MRPC-like F1 of always predicting the majority class 1."""
+    data = write_rows(tmp_path / "m.jsonl", MNLI_ROWS)
+    out = run(["--task", "mnli", "--train.preset", "tiny", "--train.train_file", data, "--train.eval_files", data,
+               "--train.lr", "0", "--train.batch_size", "4", "--train.pack_len", "256", "--train.max_len", "64",
+               "--train.run_id", "floor"], tmp_path)
+    scores = out["seeds"][0]["m"]
+    print(scores)
+    assert (scores["accuracy"], scores["majority_accuracy"], scores["top_prediction_share"]) == (50.0, 50.0, 100.0)
+    assert scores["majority_class"] == scores["top_prediction"] == "entailment"
+    assert json.load(open(tmp_path / "finetuned" / "floor" / "metrics.json"))["seeds"][0]["m"] == scores
+    assert '"majority_accuracy": 50.0, "top_prediction_share": 100.0' in open(tmp_path / "logs" / "floor.txt").read()
+    floor = evals.majority_floor([1, 0, 1, 1, 1], [1, 1, 0, 1, 0], ("f1", "accuracy", "matthews"))
+    # always 1 on gold 1,1,0,1,0: tp 3, fp 2, fn 0 -> F1 6/8; accuracy 3/5; Matthews 0 (a constant predictor)
+    assert floor == {"majority_f1": 75.0, "majority_accuracy": 60.0, "majority_matthews": 0.0, "majority_label": 1,
+                     "top_prediction_share": 80.0, "top_prediction_label": 1}
+
+
+def test_the_log_shows_progress_with_eta_and_time_of_day_and_each_group_s_lr(tmp_path, tok):
+    """Issue 19 items 15 and 16: progress lines (done/total, elapsed, ETA, time of day) during
+    training, evaluation and BLiMP at --train.progress_every_s; the step line starts with the
+    time of day and gives each parameter group's learning rate, as trainer.py's does, where it
+    gave the schedule's multiplier as lr:."""
+    data = write_rows(tmp_path / "m.jsonl", MNLI_ROWS)
+    base = ["--task", "mnli", "--train.preset", "tiny", "--train.train_file", data, "--train.eval_files", data,
+            "--train.batch_size", "2", "--train.eval_batch_size", "2", "--train.pack_len", "256", "--train.max_len", "64",
+            "--train.lr", "1e-3", "--train.head_lr", "2e-3", "--train.warmup_frac", "0.5", "--train.log_every", "3",
+            "--train.progress_every_s", "1e-9"]
+    run(base + ["--train.run_id", "progress"], tmp_path)
+    log = open(tmp_path / "logs" / "progress.txt").read()
+    print("\n".join(line for line in log.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)))
+    # 4 steps, warm-up 2: multipliers 0.5, 1, 1, 0.5; loss lines at steps 3 and 4, progress lines at 1 and 2
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 step:3/4 loss:\S+ lr_encoder:0.001 lr_head:0.002 examples/s:", log, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 step:4/4 loss:\S+ lr_encoder:0.0005 lr_head:0.001 examples/s:", log, re.M)
+    assert len(re.findall(r"^\d\d:\d\d:\d\d seed:0 training [12]/4 steps elapsed:\d:\d\d:\d\d eta:\d:\d\d:\d\d$", log, re.M)) == 2
+    assert len(re.findall(r"^\d\d:\d\d:\d\d evaluation of m [246]/8 examples elapsed:\S+ eta:\S+$", log, re.M)) == 3
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 m: \{", log, re.M)
+    run(base + ["--train.optimizer", "muon", "--train.run_id", "muon"], tmp_path)
+    assert re.search(r"step:4/4 loss:\S+ lr_muon:0.001 lr_embed:0.0005 lr_scalar:0.0005 lr_head:0.001 ",
+                     open(tmp_path / "logs" / "muon.txt").read())
+    rows = [{"UID": f"p{i % 2}", "field": "syntax", "linguistics_term": "t", "pairID": str(i),
+             "sentence_good": f"The cat number {i} sleeps.", "sentence_bad": f"The cat number {i} sleep."} for i in range(4)]
+    blimp = write_rows(tmp_path / "b.jsonl", rows)
+    run(["--task", "blimp", "--train.preset", "tiny", "--train.eval_files", blimp, "--train.eval_batch_size", "4",
+         "--train.progress_every_s", "1e-9", "--train.run_id", "bl"], tmp_path)
+    lines = re.findall(r"^\d\d:\d\d:\d\d blimp \d+/\d+ masked copies elapsed:\S+ eta:\S+$", open(tmp_path / "logs" / "bl.txt").read(), re.M)
+    print(lines)
+    assert len(lines) >= 5
