@@ -506,7 +506,7 @@ def failures_logged(d: Dist, log, aborted: str):
         yield
     except SystemExit as e:
         if isinstance(e.code, str):
-            log(e.code)
+            log(e.code, console=False)  # Python prints it on stderr: into the log, not twice on the console
         cleanup_distributed(d)
         raise
     except KeyboardInterrupt:
@@ -637,6 +637,14 @@ def transformers_usage(where: str, head: str | None = None) -> str:
             "tokenizer's, so AutoTokenizer wants it too):\n\n```python\n" + code + "```\n")
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that means a local folder, never a Hub id: it exists, starts like a path
+    (./x, ../x, /x, ~/x), lies under the folders this repo writes (exports/, finetuned/) or under
+    a folder that exists here."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~", "exports/", "finetuned/"))
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
+
+
 def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
     """(config, state dict) from a local export folder or a Hub model id, in save_pretrained's
     terms: config {"model": ModelConfig fields, what the run recorded}, the encoder's weights
@@ -648,9 +656,7 @@ def load_pretrained(path_or_repo: str) -> tuple[dict, dict]:
 
     folder = path_or_repo
     if not os.path.isdir(folder):
-        # a path that looks local (./x, /x, ~/x, or under a folder that exists here: exports/x) is not a Hub id
-        looks_local = path_or_repo.startswith((".", "/", "~")) or os.path.isdir(path_or_repo.split("/")[0])
-        if looks_local and not os.path.exists(folder):
+        if looks_like_path(path_or_repo) and not os.path.exists(folder):
             raise FileNotFoundError(f"no such export folder: {path_or_repo} (a Hub id looks like USER/kbert-base)")
         if os.path.exists(folder) or path_or_repo.count("/") != 1:
             raise FileNotFoundError(f"{path_or_repo!r} is neither an export folder nor a Hub id like USER/kbert-base")

@@ -1,7 +1,9 @@
-"""Finetune and evaluate KBERT on GLUE and SQuAD (v2.0 and v1.1); score it on BLiMP.
+"""Finetune KBERT, or any transformers encoder, on GLUE and SQuAD (v2.0 and v1.1) and evaluate
+it; score a masked LM on BLiMP.
 
     torchrun --standalone --nproc_per_node=8 finetuner.py --task mnli --train.base_model USER/kbert-base
     python finetuner.py --task squad_v2 --train.base_model exports/RUN_ID
+    python finetuner.py --task mnli --train.base_model answerdotai/ModernBERT-base   # a transformers model
     python finetuner.py --task mnli --train.seeds 0,1,2 --train.run_id NAME --train.resume auto  # re-queueable
     python finetuner.py --task blimp --train.base_model exports/RUN_ID [--train.blimp_pairs 100]
     python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]
@@ -9,21 +11,27 @@
 Data are local files in the Hub schema (data/download_glue.py, data/download_squad.py,
 data/download_blimp.py). GLUE examples are packed several to a row with document masks
 (each read at its own [CLS]); SQuAD questions become 384-token windows that share 128
-context tokens with the next. Metrics are the ones the literature reports; the SQuAD v2
-scorer reproduces the official evaluate-v2.0.py exactly. BLiMP needs no training: each
-minimal pair is scored by pseudo-log-likelihood.
-Sections: tasks and metrics -> SQuAD scorer -> BLiMP scorer -> hyperparameters -> data ->
-model -> training and evaluation -> main.
+context tokens with the next. Metrics are the ones the literature reports, computed by
+evals.py (GLUE metrics, the official SQuAD v2 scorer, BLiMP's pseudo-log-likelihoods), which
+`--score-squad` runs alone. BLiMP needs no training.
+A transformers model (a folder or Hub id that is not a KBERT export) runs through the same
+loop: same examples, truncation, batches and order per seed, optimizer groups, schedule,
+metrics, seeds, exports; it keeps its own tokenizer and task head (AutoModelFor...), and each
+GLUE example gets a row of its own, padded to the batch's longest (an example sees only
+itself either way).
+Sections: tasks -> hyperparameters -> data -> model -> training and evaluation -> main.
 """
 import collections
+import dataclasses
+import datetime
 import difflib
 import functools
 import json
 import math
 import os
 import re
+import shutil
 import statistics
-import string
 import sys
 import time
 from dataclasses import dataclass
@@ -33,12 +41,13 @@ import torch
 from tqdm import tqdm
 
 import common
+import evals
 import trainer
-from model import CLS_ID, KBERT, MASK_ID, PAD_ID, SEP_ID, ClassificationHead, ModelConfig, SpanHead
-from optimizer import MuonAdamW
+from model import CLS_ID, KBERT, PAD_ID, PRESETS, SEP_ID, ClassificationHead, ModelConfig, SpanHead
+from optimizer import MuonAdamW, decoupled_decay
 
 # ----------------------------------------------------------------------------------------
-# Tasks and metrics
+# Tasks
 
 
 @dataclass(frozen=True)
@@ -67,280 +76,13 @@ LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["ent
                "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"], "stsb": ["similarity"]}
 
 
-def accuracy(pred, gold) -> float:
-    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
-
-
-def f1_binary(pred, gold) -> float:
-    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    tp = np.sum((pred == 1) & (gold == 1))
-    fp, fn = np.sum((pred == 1) & (gold == 0)), np.sum((pred == 0) & (gold == 1))
-    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-
-
-def matthews(pred, gold) -> float:
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    tp, tn = np.sum((pred == 1) & (gold == 1)), np.sum((pred == 0) & (gold == 0))
-    fp, fn = np.sum((pred == 1) & (gold == 0)), np.sum((pred == 0) & (gold == 1))
-    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-    return float((tp * tn - fp * fn) / denom) if denom else 0.0
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denom) if denom else 0.0
-
-
-def _ranks(x) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x, y) -> float:
-    return pearson(_ranks(x), _ranks(y))
-
-
-METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson, "spearman": spearman}
-
-
-# ----------------------------------------------------------------------------------------
-# The official SQuAD v2.0 metric (same arithmetic, same order of summation as evaluate-v2.0.py)
-
-
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s, flags=re.UNICODE)
-    return " ".join(s.split())
-
-
-def _tokens(s: str) -> list[str]:
-    return normalize_answer(s).split() if s else []
-
-
-def squad_exact(gold: str, pred: str) -> int:
-    return int(normalize_answer(gold) == normalize_answer(pred))
-
-
-def squad_f1(gold: str, pred: str) -> float:
-    g, p = _tokens(gold), _tokens(pred)
-    if not g or not p:
-        return int(g == p)
-    same = sum((collections.Counter(g) & collections.Counter(p)).values())
-    if same == 0:
-        return 0
-    precision, recall = same / len(p), same / len(g)
-    return (2 * precision * recall) / (precision + recall)
-
-
-def load_squad_gold(path: str) -> collections.OrderedDict:
-    """id -> list of gold answer texts ([] = unanswerable), in file order, from the official
-    nested JSON (`{"data": [...]}`) or Hub-schema jsonl (`answers: {text, answer_start}`)."""
-    gold = collections.OrderedDict()
-    if path.endswith(".jsonl"):
-        for n, row in enumerate(read_jsonl(path), 1):
-            if "id" not in row or "answers" not in row or "text" not in row["answers"]:
-                raise SystemExit(f"{path}: row {n}: a SQuAD row needs 'id' and 'answers': {{'text': [...]}} (got {sorted(row)})")
-            gold[row["id"]] = list(row["answers"]["text"])
-        return gold
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        for article in data["data"]:
-            for p in article["paragraphs"]:
-                for qa in p["qas"]:
-                    gold[qa["id"]] = [a["text"] for a in qa["answers"]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(f"{path}: not the official SQuAD JSON ({type(e).__name__}: {e}); expected "
-                         "{'data': [{'paragraphs': [{'qas': [{'id', 'answers': [{'text'}]}]}]}]} or a Hub-schema .jsonl") from None
-    return gold
-
-
-def squad_v2_scores(gold: dict, preds: dict, na_probs: dict | None = None, na_prob_thresh: float = 1.0) -> dict:
-    """What evaluate-v2.0.py prints (exact, f1, total, HasAns_*, NoAns_*, and best_* with a
-    na-prob file), as percentages."""
-    has_ans = {qid: bool(answers) for qid, answers in gold.items()}
-    # a question without a prediction is scored as an empty answer ("no answer"), what the
-    # official script means by its "Missing prediction" note (it then fails on a KeyError)
-    preds = {qid: preds.get(qid, "") for qid in gold}
-    if na_probs is not None:
-        na_probs = {qid: na_probs.get(qid, 0.0) for qid in gold}
-    exact_raw, f1_raw = {}, {}
-    for qid, answers in gold.items():
-        golds = [a for a in answers if normalize_answer(a)] or [""]
-        exact_raw[qid] = max(squad_exact(a, preds[qid]) for a in golds)
-        f1_raw[qid] = max(squad_f1(a, preds[qid]) for a in golds)
-    probs = na_probs if na_probs is not None else {k: 0.0 for k in preds}
-
-    def threshold(scores):
-        return {qid: (float(not has_ans[qid]) if probs[qid] > na_prob_thresh else s) for qid, s in scores.items()}
-
-    exact, f1 = threshold(exact_raw), threshold(f1_raw)
-
-    def summary(qids=None):
-        if not qids:
-            total = len(exact)
-            return [("exact", 100.0 * sum(exact.values()) / total), ("f1", 100.0 * sum(f1.values()) / total), ("total", total)]
-        total = len(qids)
-        return [("exact", 100.0 * sum(exact[k] for k in qids) / total), ("f1", 100.0 * sum(f1[k] for k in qids) / total),
-                ("total", total)]
-
-    out = collections.OrderedDict(summary())
-    for prefix, qids in (("HasAns", [k for k, v in has_ans.items() if v]), ("NoAns", [k for k, v in has_ans.items() if not v])):
-        if qids:
-            out.update((f"{prefix}_{k}", v) for k, v in summary(qids))
-    if na_probs is not None:
-        for name, raw in (("exact", exact_raw), ("f1", f1_raw)):
-            best, thresh = _best_threshold(preds, raw, na_probs, has_ans)
-            out[f"best_{name}"], out[f"best_{name}_thresh"] = best, thresh
-    return dict(out)
-
-
-def _best_threshold(preds, scores, na_probs, has_ans):
-    """Sweep the na-prob threshold in ascending order starting from 'predict nothing'."""
-    score = best = sum(1 for k in has_ans if not has_ans[k])
-    best_thresh = 0.0
-    for qid in sorted(na_probs, key=lambda k: na_probs[k]):
-        if qid not in scores:
-            continue
-        diff = scores[qid] if has_ans[qid] else (-1 if preds[qid] else 0)
-        score += diff
-        if score > best:
-            best, best_thresh = score, na_probs[qid]
-    return 100.0 * best / len(scores), best_thresh
-
-
-def score_squad_cli(argv: list[str]):
-    """`python finetuner.py --score-squad DATA_FILE PRED_FILE [--na-prob-file F] [--na-prob-thresh T]`"""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="finetuner.py --score-squad", description="Official SQuAD v2.0 scores.")
-    ap.add_argument("data_file", help="official dev JSON or Hub-schema jsonl")
-    ap.add_argument("pred_file", help="JSON {id: answer text or ''}")
-    ap.add_argument("--na-prob-file", "-n", default=None)
-    ap.add_argument("--na-prob-thresh", "-t", type=float, default=1.0)
-    args = ap.parse_args(argv)
-    for p in (args.data_file, args.pred_file, args.na_prob_file):
-        if p and not os.path.isfile(p):
-            raise SystemExit(f"--score-squad: file {p} does not exist")
-    gold = load_squad_gold(args.data_file)
-    preds = read_json_object(args.pred_file, str, "{question id: answer text, '' for no answer}")
-    na_probs = read_json_object(args.na_prob_file, (int, float), "{question id: no-answer probability}") \
-        if args.na_prob_file else None
-    for what, path, got, fill in (("prediction", args.pred_file, preds, "an empty answer"),
-                                  ("no-answer probability", args.na_prob_file, na_probs, "0")):
-        missing = [q for q in gold if got is not None and q not in got]
-        if missing:
-            print(f"{len(missing):,} of {len(gold):,} question ids have no {what} in {path}, e.g. {missing[0]}; "
-                  f"they are scored with {fill}", file=sys.stderr)
-    print(json.dumps(squad_v2_scores(gold, preds, na_probs, args.na_prob_thresh), indent=2))
-
-
-def read_json_object(path: str, value_type, shape: str) -> dict:
-    """A JSON file holding one object whose values are value_type, or one line saying what is wrong."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not JSON ({e}); expected {shape}") from None
-    if not isinstance(obj, dict):
-        raise SystemExit(f"{path}: a JSON {type(obj).__name__}, expected an object {shape}")
-    bad = next((k for k, v in obj.items() if not isinstance(v, value_type) or isinstance(v, bool)), None)
-    if bad is not None:
-        raise SystemExit(f"{path}: the value of {bad!r} is {obj[bad]!r}; expected {shape}")
-    return obj
-
-
-# ----------------------------------------------------------------------------------------
-# BLiMP scorer: pseudo-log-likelihoods of minimal pairs
-# BLiMP (Warstadt et al., TACL 2020): 67 paradigms x 1,000 pairs of a good and a bad sentence.
-# An encoder scores a sentence by its pseudo-log-likelihood (Salazar et al., ACL 2020, "Masked
-# Language Model Scoring"): mask each token in turn and add the log-probability of the true
-# one. The model comes in as a function, so KBERT and Hugging Face encoders that read the same
-# token ids are scored by the same code.
-
-
-@torch.no_grad()
-def pll_scores(log_probs_fn, sentences: list[list[int]], batch_rows: int = 64, device="cpu") -> list[float]:
-    """Pseudo-log-likelihood of each sentence `[CLS] tokens [SEP]` (Tokenizer.encode ids).
-    Each ordinary token gets a copy of the sentence of its own with it replaced by [MASK]; the
-    copies of many sentences fill batches of batch_rows rows, right-padded with [PAD].
-    log_probs_fn(ids (B, T), attention_mask (B, T) bool, False at [PAD]) returns
-    log-probabilities (B, T, V), or (B, V) at each row's [MASK] only, which spares the
-    vocabulary head the other positions. Sums are taken in float64."""
-    copies = []  # (sentence, masked position), shortest sentences first so that a batch pads little
-    for s in sorted(range(len(sentences)), key=lambda s: len(sentences[s])):
-        ids = sentences[s]
-        if len(ids) < 2 or ids[0] != CLS_ID or ids[-1] != SEP_ID or MASK_ID in ids or PAD_ID in ids:
-            raise ValueError(f"sentence {s}: expected [CLS] tokens [SEP] without [MASK] or [PAD], got {ids}")
-        copies += [(s, i) for i in range(1, len(ids) - 1) if ids[i] < CLS_ID]  # GPT-2 ids, no inner [SEP]
-    totals = [0.0] * len(sentences)
-    for k in tqdm(range(0, len(copies), batch_rows), desc="pll", unit="batch", leave=False, disable=None):
-        chunk = copies[k:k + batch_rows]
-        ids = np.full((len(chunk), max(len(sentences[s]) for s, _ in chunk)), PAD_ID, dtype=np.int64)
-        for r, (s, _) in enumerate(chunk):
-            ids[r, :len(sentences[s])] = sentences[s]
-        rows, pos = np.arange(len(chunk)), np.array([i for _, i in chunk])
-        target = torch.from_numpy(ids[rows, pos]).to(device)
-        ids[rows, pos] = MASK_ID
-        ids = torch.from_numpy(ids).to(device)
-        out = log_probs_fn(ids, ids != PAD_ID)
-        if out.dim() == 3:  # every position: keep each row's masked one
-            out = out[torch.from_numpy(rows).to(device), torch.from_numpy(pos).to(device)]
-        if out.shape[0] != len(chunk):
-            raise ValueError(f"log_probs_fn returned {tuple(out.shape)} for {len(chunk)} rows with one [MASK] each")
-        for (s, _), v in zip(chunk, out.gather(1, target[:, None])[:, 0].double().tolist()):
-            totals[s] += v
-    return totals
-
-
-def blimp_accuracy(rows: list[dict], good: list[float], bad: list[float]) -> dict:
-    """Accuracy per paradigm (UID), its mean over the paradigms (the headline, as the BLiMP
-    authors report it) and over each field's paradigms, as fractions like the authors' results
-    file. A pair is right when good > bad strictly, so a tie is wrong: BLiMP asks for a higher
-    probability for the good sentence, and Salazar et al.'s BLiMP accuracy counts
-    `float(scores[2*i]) > float(scores[2*i+1])` (awslabs/mlm-scoring, examples/lingacc-blimp/accuracy.py)."""
-    right, field = collections.defaultdict(list), {}
-    for row, g, b in zip(rows, good, bad, strict=True):
-        right[row["UID"]].append(g > b)
-        field[row["UID"]] = row["field"].replace("/", "_")  # BLiMP's principle_A_case_2 says "syntax/semantics"
-    paradigms = {uid: sum(r) / len(r) for uid, r in right.items()}
-    by_field = collections.defaultdict(list)
-    for uid, acc in paradigms.items():
-        by_field[field[uid]].append(acc)
-    return {"accuracy": statistics.fmean(paradigms.values()),
-            "fields": {f: statistics.fmean(accs) for f, accs in sorted(by_field.items())},
-            "paradigms": paradigms, "pairs": len(rows)}
-
-
-def blimp_scores(log_probs_fn, rows: list[dict], tok, batch_rows: int = 64, device="cpu") -> dict:
-    """blimp_accuracy of rows (read_blimp) under log_probs_fn, plus every pair's PLLs."""
-    pll = pll_scores(log_probs_fn, [tok.encode(r[k]) for r in rows for k in ("sentence_good", "sentence_bad")],
-                     batch_rows, device)
-    return {**blimp_accuracy(rows, pll[0::2], pll[1::2]), "pll_good": pll[0::2], "pll_bad": pll[1::2]}
-
-
 # ----------------------------------------------------------------------------------------
 # Hyperparameters
 
 
 @dataclass
 class FinetuneConfig:
-    base_model: str = "none"  # export folder or Hub id of a pretrained KBERT; "none": random init (tests)
+    base_model: str = "none"  # folder or Hub id: a KBERT export or any transformers model; "none": random KBERT (tests)
     preset: str = "base"  # model preset when base_model is none
     data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl;
     # BLiMP: data/blimp/blimp.jsonl
@@ -387,71 +129,174 @@ class FinetuneConfig:
     # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
     log_every: int = 20  # steps between loss lines in the log
+    # seconds between progress lines (done/total, elapsed, ETA, time of day) in training, evaluation and BLiMP, so that
+    # a run off a terminal (no progress bar) shows it is alive; 0: none
+    progress_every_s: float = 30.0
 
 
 GROUPS = {"train": FinetuneConfig}
 # options that name, place or launch a run without changing a seed's result
-RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every", "device", "out_dir")
+RUN_OPTIONS = ("seeds", "run_id", "resume", "overwrite", "hf_repo", "log_every", "progress_every_s", "device", "out_dir")
+
+
+# ----------------------------------------------------------------------------------------
+# Checks: every option's rule, applied before the log or any file is written
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--train.seeds "0,1,2" -> [0, 1, 2]: distinct integers, or one line."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--train.seeds {text!r}: must be distinct integers, comma-separated (0,1,2)")
+    return seeds
+
+
+def _parses(parse):
+    """A rule that holds when parse(value) does not exit."""
+    def valid(value) -> bool:
+        try:
+            parse(value)
+        except SystemExit:
+            return False
+        return True
+    return valid
+
+
+def _at_least(low):
+    return lambda v: math.isfinite(v) and v >= low
+
+
+def _stems_distinct(files: str) -> bool:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in files.split(",")] if files else []
+    return all(stems) and len(set(stems)) == len(stems)
+
+
+# field -> (rule, what a valid value is): one table, so that a config mechanism with a rule next to each field can
+# take it over; the rules that join several options, or need the base model or the data, are in check() and later
+ANY = (lambda v: True, "")
+RULES = {
+    "base_model": (bool, "a folder, a Hub id or none"),
+    "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
+    "data_dir": (bool, "a folder"),
+    "train_file": ANY,
+    "eval_files": (_stems_distinct, "comma-separated files with distinct names (each split is named by its file's stem)"),
+    "max_train_examples": (_at_least(0), ">= 0 (0: all)"),
+    "max_eval_examples": (_at_least(0), ">= 0 (0: all)"),
+    "optimizer": (lambda v: v in ("adamw", "muon"), "adamw or muon"),
+    "lr": (_at_least(0), "a learning rate >= 0"),
+    "head_lr": (_at_least(0), ">= 0 (0: the same as lr)"),
+    "muon_lr": (_at_least(0), "a learning rate >= 0"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1) (the shrink per step at the schedule's peak)"),
+    "betas": (_parses(lambda v: trainer.parse_betas(v, "--train.betas")), "two numbers in [0, 1) as b1,b2, e.g. 0.9,0.98"),
+    "warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "epochs": (_at_least(0), ">= 0 (0: evaluate a finetuned model)"),
+    "batch_size": (_at_least(1), ">= 1"),
+    "max_len": (_at_least(5), ">= 5 (room for [CLS] a [SEP] b [SEP])"),
+    "pack_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
+    "squad_max_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
+    "doc_stride": (_at_least(0), ">= 0"),
+    "max_query_len": (_at_least(1), ">= 1"),
+    "max_answer_len": (_at_least(1), ">= 1"),
+    "n_best": (_at_least(1), ">= 1"),
+    "null_threshold": (math.isfinite, "a finite number"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seeds": (_parses(parse_seeds), "distinct integers, comma-separated (0,1,2)"),
+    "eval_batch_size": (_at_least(1), ">= 1"),
+    "blimp_pairs": (_at_least(0), ">= 0 (0: all pairs)"),
+    "out_dir": (bool, "a folder"),
+    "hf_repo": (lambda v: not v or re.fullmatch(r"[\w.-]+/[\w.-]+", v), "empty or a Hub repo id USER/NAME"),
+    "run_id": (lambda v: not v or (re.fullmatch(r"[\w.-]+", v) and not v.startswith(".")),
+               "empty or a name of letters, digits, '.', '_' and '-' (it names a log file and a folder)"),
+    "overwrite": ANY,  # booleans are parsed by common.parse_overrides
+    "resume": (lambda v: v in ("", "auto"), "empty or auto: the finetuner resumes with auto (and --train.run_id): "
+                                            "finished seeds are kept, an unfinished one starts over"),
+    "compile": ANY,
+    "device": (_parses(common.check_device), "auto (cuda if available), cpu, cuda or cuda:N, where CUDA is available"),
+    "log_every": (_at_least(1), ">= 1"),
+    "progress_every_s": (_at_least(0), "seconds >= 0 (0: no progress lines)"),
+}
+
+
+def check(cfg: FinetuneConfig, task: str) -> None:
+    """Every option against its rule (RULES), then the rules that join options: the first that
+    fails exits 1 with one line, before the log or any file exists. What needs the base model's
+    config.json (check_base_model) or the data files is checked next, still before the log."""
+    for f in dataclasses.fields(cfg):
+        valid, what = RULES[f.name]
+        value = getattr(cfg, f.name)
+        if not valid(value):
+            if f.name == "device":
+                common.check_device(value)  # its own line: the device's format, or CUDA missing
+            raise SystemExit(f"--train.{f.name} {value!r}: must be {what}")
+    if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
+        raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
+                         "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
+    if task == "blimp":
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
+        return
+    if cfg.epochs == 0 and cfg.base_model == "none":
+        raise SystemExit("--train.epochs 0 evaluates a finetuned model: give it as --train.base_model "
+                         "(finetuned/<run_id>/seed<k>/model); otherwise --train.epochs must be > 0")
+    if cfg.max_len > cfg.pack_len:
+        raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
+    if task in SQUAD:
+        check_doc_stride(cfg)
 
 
 # ----------------------------------------------------------------------------------------
 # Data
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The rows of a jsonl file (one JSON object a line); a bad line or an empty file exits
-    with one line naming the file and the line."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} does not exist. Fetch the data with `python data/download_glue.py TASK` or "
-                         "`python data/download_squad.py`, or pass --train.train_file/--train.eval_files")
-    rows = [row for _, row in jsonl_objects(path)]
-    if not rows:
-        raise SystemExit(f"{path} holds no rows: an empty file?")
-    return rows
+class HFTokens:
+    """A transformers model's own fast tokenizer in the finetuner's terms (tokenizer.Tokenizer's,
+    for KBERT): pairs with the model's special tokens and longest-first truncation to max_len
+    (the rule tokenizer.py follows), segment ids where the model reads them, ordinary ids and
+    their character offsets (offset_mapping) for SQuAD windows, and where a pair puts its
+    special tokens (prefix a middle b suffix), read from the tokenizer's own encoding of one."""
 
+    def __init__(self, tok, name: str):
+        if not tok.is_fast:
+            raise SystemExit(f"--train.base_model {name}: its tokenizer ({type(tok).__name__}) is not a fast one; the "
+                             "finetuner needs a fast tokenizer's offset_mapping (tokenizer.json)")
+        self.tok, self.name = tok, name
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0  # masked out either way
+        enc = tok("a", "b")
+        seq, ids = enc.sequence_ids(), enc["input_ids"]
+        a0, b0 = seq.index(0), seq.index(1)
+        a1, b1 = len(seq) - seq[::-1].index(0), len(seq) - seq[::-1].index(1)
+        self.prefix, self.middle, self.suffix = ids[:a0], ids[a1:b0], ids[b1:]
+        types = enc["token_type_ids"] if "token_type_ids" in tok.model_input_names else None
+        # segment ids of (prefix, a token, middle, b token, suffix), or None: the model reads none
+        self.types = None if types is None else (types[:a0], types[a0], types[a1:b0], types[b0], types[b1:])
 
-def jsonl_objects(path: str):
-    """(line number, object) for each non-blank line; a line that is not a JSON object exits
-    with one line naming the file and the line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg.removesuffix(' at')}, column {e.colno}): "
-                                 f"{line.strip()[:80]}") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"{path}:{n}: expected a JSON object, got {line.strip()[:80]}")
-            yield n, row
+    def pairs(self, texts: list[str], pairs: list[str] | None, max_len: int) -> list[dict]:
+        """{"ids"} (and "types") of each text or text pair, as the tokenizer's own call gives them."""
+        enc = self.tok(texts, pairs, truncation="longest_first", max_length=max_len)
+        if self.types is None:
+            return [{"ids": ids} for ids in enc["input_ids"]]
+        return [{"ids": ids, "types": types} for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-BLIMP_KEYS = ("UID", "field", "linguistics_term", "pairID", "sentence_good", "sentence_bad")
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return enc["input_ids"], [tuple(span) for span in enc["offset_mapping"]]
 
-
-def read_blimp(path: str, pairs_per_paradigm: int = 0) -> list[dict]:
-    """BLiMP rows, the first pairs_per_paradigm of each paradigm (UID) in file order (0: all)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} does not exist. Fetch BLiMP with `python data/download_blimp.py`, "
-                         "or pass --train.eval_files PATH")
-    rows, seen = [], collections.Counter()
-    for n, row in jsonl_objects(path):
-        if not (all(k in row for k in BLIMP_KEYS) and all(
-                isinstance(row[k], str) and row[k].strip() for k in ("UID", "field", "sentence_good", "sentence_bad"))):
-            raise SystemExit(f"{path}:{n}: a BLiMP row has the keys {', '.join(BLIMP_KEYS)}, with UID, field "
-                             f"and both sentences non-empty strings; got {json.dumps(row)[:200]}")
-        seen[row["UID"]] += 1
-        if not pairs_per_paradigm or seen[row["UID"]] <= pairs_per_paradigm:
-            rows.append(row)
-    if not rows:
-        raise SystemExit(f"{path}: no BLiMP pairs in it")
-    return rows
+    def window_types(self, n_question: int, n_context: int) -> list[int]:
+        prefix, a, middle, b, suffix = self.types
+        return prefix + [a] * n_question + middle + [b] * n_context + suffix
 
 
 def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> list[dict]:
+    """Each row checked, then encoded by tok: KBERT's Tokenizer, or HFTokens for a transformers
+    model. Items: {"ids", "label", "idx"}, plus "types" where the model reads segment ids."""
     spec = GLUE[task]
-    out = []
+    out, texts = [], []
     for n, row in enumerate(rows):
         missing = [k for k in (*spec.text_fields, "label") if k not in row]
         if missing:
@@ -461,10 +306,32 @@ def glue_examples(rows: list[dict], task: str, tok, max_len: int, path: str) -> 
             raise SystemExit(f"{path} row {n}: label {label!r} out of range for {task} (0..{spec.n_labels - 1})")
         if label == -1:
             raise SystemExit(f"{path} row {n}: label -1 (a test split without labels) cannot be used here")
-        texts = [row[k] for k in spec.text_fields]
-        ids = tok.encode(texts[0], texts[1] if len(texts) > 1 else None, max_len=max_len)
-        out.append({"ids": ids, "label": float(label) if spec.n_labels == 1 else int(label), "idx": row.get("idx", n)})
-    return out
+        texts.append([row[k] for k in spec.text_fields])
+        out.append({"label": float(label) if spec.n_labels == 1 else int(label), "idx": row.get("idx", n)})
+    if isinstance(tok, HFTokens):
+        encoded = tok.pairs([t[0] for t in texts], [t[1] for t in texts] if len(spec.text_fields) > 1 else None, max_len) \
+            if texts else []
+    else:
+        encoded = [{"ids": tok.encode(t[0], t[1] if len(t) > 1 else None, max_len=max_len)} for t in texts]
+    return [{**e, **o} for e, o in zip(encoded, out)]
+
+
+def padded_batch(items: list[dict], pad_id: int, device) -> dict:
+    """A transformers model's batch: one example (GLUE) or window (SQuAD) a row, right-padded to
+    the longest -> input_ids, attention_mask and, where the items carry them, token_type_ids (B, T)."""
+    T = max(len(it["ids"]) for it in items)
+    ids = np.full((len(items), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), T), dtype=np.int64)
+    types = np.zeros((len(items), T), dtype=np.int64) if "types" in items[0] else None
+    for r, it in enumerate(items):
+        ids[r, :len(it["ids"])] = it["ids"]
+        mask[r, :len(it["ids"])] = 1
+        if types is not None:
+            types[r, :len(it["ids"])] = it["types"]
+    batch = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types).to(device)
+    return batch
 
 
 def pack_rows(examples: list[dict], pack_len: int) -> list[list[int]]:
@@ -505,14 +372,15 @@ def glue_batch(examples: list[dict], pack_len: int, device, round_rows: bool = F
     return torch.from_numpy(ids).to(device), torch.tensor(cls_pos, device=device), order
 
 
-def check_doc_stride(cfg: FinetuneConfig):
-    """The longest question leaves squad_max_len - max_query_len - 3 ([CLS], 2 x [SEP]) context
-    tokens per window; consecutive windows share doc_stride of them, so they must be fewer."""
-    budget = cfg.squad_max_len - cfg.max_query_len - 3
+def check_doc_stride(cfg: FinetuneConfig, n_special: int = 3):
+    """The longest question leaves squad_max_len - max_query_len - n_special (KBERT: [CLS], 2 x
+    [SEP]) context tokens per window; consecutive windows share doc_stride of them, so they must
+    be fewer."""
+    budget = cfg.squad_max_len - cfg.max_query_len - n_special
     if budget <= cfg.doc_stride:
         raise SystemExit(f"--train.doc_stride {cfg.doc_stride} (the overlap of consecutive windows) must be below the "
                          f"context budget {budget} = --train.squad_max_len {cfg.squad_max_len} - --train.max_query_len "
-                         f"{cfg.max_query_len} - 3; lower doc_stride or max_query_len, or raise squad_max_len")
+                         f"{cfg.max_query_len} - {n_special}; lower doc_stride or max_query_len, or raise squad_max_len")
 
 
 def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bool = False) -> list[dict]:
@@ -520,8 +388,15 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
     context piece sharing doc_stride tokens with the next (Hugging Face run_qa's stride), so
     every context token is in some window. Labels: token indices of the answer's first and
     last tokens, or 0 ([CLS]) when the question is unanswerable or the answer is not
-    entirely inside the window."""
-    check_doc_stride(cfg)
+    entirely inside the window. With HFTokens (a transformers model) the special tokens are
+    that tokenizer's, laid out as it lays out a pair, and each window carries its segment ids
+    where the model reads them; the windows, the stride and the labels follow the same rule."""
+    prefix, middle, suffix = (tok.prefix, tok.middle, tok.suffix) if isinstance(tok, HFTokens) else ([CLS_ID], [SEP_ID], [SEP_ID])
+    if len(prefix) != 1 or len(suffix) != 1:  # the no-answer score is read at position 0, the context ends before the last
+        raise SystemExit(f"--train.base_model {tok.name}: its tokenizer lays a pair out as {len(prefix)} special token(s), "
+                         f"a, {len(middle)}, b, {len(suffix)}; SQuAD windows need one before the question and one at the end")
+    n_special = len(prefix) + len(middle) + len(suffix)
+    check_doc_stride(cfg, n_special)
     feats, encoded = [], {}  # a context is shared by many questions: tokenize it once
     for n, row in enumerate(rows):
         for k in ("id", "context", "question", "answers"):
@@ -541,7 +416,7 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
         if context not in encoded:
             encoded[context] = tok.encode_with_offsets(context)
         c_ids, spans = encoded[context]
-        budget = cfg.squad_max_len - len(q_ids) - 3
+        budget = cfg.squad_max_len - len(q_ids) - n_special
         first = last = None  # the answer's first and last context tokens
         if answers["text"]:
             text, start_char = answers["text"][0], answers["answer_start"][0]
@@ -558,13 +433,15 @@ def squad_features(rows: list[dict], tok, cfg: FinetuneConfig, path: str, v1: bo
         offset = 0
         while True:
             piece = slice(offset, min(offset + budget, len(c_ids)))
-            ids = [CLS_ID] + q_ids + [SEP_ID] + c_ids[piece] + [SEP_ID]
-            ctx0 = len(q_ids) + 2  # index of the first context token in the window
+            ids = prefix + q_ids + middle + c_ids[piece] + suffix
+            ctx0 = len(prefix) + len(q_ids) + len(middle)  # index of the first context token in the window
             start = end = 0
             if first is not None and piece.start <= first <= last < piece.stop:  # the whole answer is inside
                 start, end = ctx0 + first - piece.start, ctx0 + last - piece.start
             feats.append({"qid": row["id"], "ids": ids, "start": start, "end": end, "ctx0": ctx0,
                           "spans": spans[piece], "context": context})
+            if isinstance(tok, HFTokens) and tok.types is not None:
+                feats[-1]["types"] = tok.window_types(len(q_ids), piece.stop - piece.start)
             if piece.stop >= len(c_ids):
                 break
             offset += step
@@ -618,7 +495,7 @@ def squad_postprocess(feats: list[dict], start_logits: list[np.ndarray], end_log
 
 
 # ----------------------------------------------------------------------------------------
-# Model: KBERT encoder + task head
+# Model: KBERT encoder + task head, or a transformers model with its own head
 
 
 class TaskModel(torch.nn.Module):
@@ -627,6 +504,40 @@ class TaskModel(torch.nn.Module):
     def __init__(self, encoder, head):
         super().__init__()
         self.encoder, self.head = encoder, head
+
+
+def read_base_config(name: str) -> tuple[str, dict]:
+    """("kbert" or "transformers", config.json) of --train.base_model: "kbert" for none and KBERT
+    exports (model_type kbert, or the old format's architecture KBERT), "transformers" for any
+    other model folder or Hub repo. A name that looks like a path (common.looks_like_path) is a
+    path: a missing folder is one line, never a question to the Hub."""
+    if name == "none":
+        return "kbert", {}
+    if common.looks_like_path(name):
+        if not os.path.isdir(name):
+            raise SystemExit(f"--train.base_model {name}: no such folder")
+        path = os.path.join(name, "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--train.base_model {name}: no config.json in it; give an export or a save_pretrained folder")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, "config.json")
+        except Exception as e:
+            raise SystemExit(f"--train.base_model {name}: not a local folder, and its config.json could not be fetched "
+                             f"from the Hugging Face Hub ({type(e).__name__}); for a folder write ./{name}") from None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--train.base_model {name}: config.json is not JSON ({e})") from None
+    return ("kbert" if config.get("model_type") == "kbert" or config.get("architecture") == "KBERT" else "transformers"), config
+
+
+def finetuned_on(kind: str, config: dict) -> str | None:
+    """The task a finetuned model's config.json names (None: not finetuned here)."""
+    return config.get("finetuning_task") if kind == "transformers" else config.get("kbert", config).get("task")
 
 
 def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
@@ -641,10 +552,13 @@ def build_encoder(cfg: FinetuneConfig, seed: int) -> KBERT:
         raise SystemExit(f"--train.base_model: {e}") from None
 
 
-def build_model(cfg: FinetuneConfig, task: str, seed: int):
+def build_model(cfg: FinetuneConfig, task: str, seed: int, kind: str = "kbert"):
     """A new head on the pretrained (or random) encoder; with --train.epochs 0, the finetuned
-    export base_model as it is, head included, to be evaluated."""
+    export base_model as it is, head included, to be evaluated. kind "transformers": the model
+    with transformers' own head (build_transformers_model)."""
     torch.manual_seed(seed)
+    if kind == "transformers":
+        return build_transformers_model(cfg, task)
     if cfg.epochs == 0:
         model, config = load_finetuned(cfg.base_model)
         if config.get("task") != task:
@@ -655,44 +569,72 @@ def build_model(cfg: FinetuneConfig, task: str, seed: int):
     return TaskModel(encoder, make_head(task, encoder.cfg.d_model, cfg.dropout))
 
 
-@torch.no_grad()
-def kbert_log_probs(model: KBERT, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """pll_scores' log_probs_fn for KBERT: log-probabilities (N, V) at the N [MASK] positions
-    of ids (B, T) in row order, the vocabulary head run at those positions only. attention_mask
-    is not needed: a run of [PAD] is a document of its own, which no real token attends to."""
-    return model.mlm_logits(model(ids)[ids == MASK_ID]).log_softmax(-1)
-
-
 def make_head(task: str, d_model: int, dropout: float = 0.1):
     return SpanHead(d_model) if task in SQUAD else ClassificationHead(d_model, GLUE[task].n_labels, dropout)
 
 
-def decoupled_decay(weight_decay: float, lr: float) -> float:
-    """The group weight decay that makes MuonAdamW's shrink per step (lr_t x group decay, torch
-    semantics) equal composer's DecoupledAdamW one, weight_decay x lr_t / lr: ModernBERT's
-    finetuning recipe, where the decay follows the schedule but not the lr's size."""
-    return weight_decay / lr if lr else 0.0  # lr 0: the weights never move, nothing to decay
+def build_transformers_model(cfg: FinetuneConfig, task: str):
+    """transformers' own head on base_model, in float32 (bf16 autocast on CUDA, as for KBERT):
+    AutoModelForSequenceClassification with the task's labels (STS-B: one output, problem type
+    regression) or AutoModelForQuestionAnswering; a new head starts from torch's RNG, seeded by
+    build_model. The dropout is the model config's own. With --train.epochs 0, base_model is a
+    model finetuned on this task and loads with its head."""
+    import transformers
+
+    if task in SQUAD:
+        return transformers.AutoModelForQuestionAnswering.from_pretrained(cfg.base_model, dtype=torch.float32)
+    labels = LABEL_NAMES[task]
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        cfg.base_model, dtype=torch.float32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if len(labels) == 1 else "single_label_classification")
 
 
-def build_ft_optimizer(model: TaskModel, cfg: FinetuneConfig) -> MuonAdamW:
-    betas = tuple(float(b) for b in cfg.betas.split(","))
+def encoder_and_head(model) -> tuple[list, list]:
+    """The parameters of the encoder and of the task head: a TaskModel's two parts, or a
+    transformers model's base model (BERT's pooler included) and the rest (its head)."""
+    if isinstance(model, TaskModel):
+        return list(model.encoder.parameters()), list(model.head.parameters())
+    encoder = {id(p) for p in model.base_model.parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in encoder], [p for p in params if id(p) not in encoder]
+
+
+def build_ft_optimizer(model, cfg: FinetuneConfig) -> MuonAdamW:
+    """AdamW on the encoder (lr) and the head (head_lr) with decoupled weight decay, for KBERT and
+    transformers models alike; optimizer muon (KBERT only): trainer's groups plus the head."""
+    betas = trainer.parse_betas(cfg.betas, "--train.betas")
     head_lr = cfg.head_lr or cfg.lr
     if cfg.optimizer == "muon":  # trainer's groups: weight decay on the Muon matrices only
+        if not isinstance(model, TaskModel):
+            raise SystemExit("--train.optimizer muon splits KBERT's own parameter names; a transformers model takes adamw")
         t = trainer.TrainConfig(lr_muon=cfg.muon_lr, lr_embed=cfg.lr, lr_scalar=cfg.lr,
                                 weight_decay=decoupled_decay(cfg.weight_decay, cfg.muon_lr), adam_betas=cfg.betas)
-        return trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
+        opt = trainer.build_optimizer(model.encoder, t, extra_adam=[(list(model.head.parameters()), head_lr)])
+        for g in opt.param_groups:
+            g["name"] = "head" if g["name"] == "extra0" else g["name"]
+        return opt
     if cfg.optimizer != "adamw":
         raise SystemExit(f"--train.optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
-    groups = [dict(kind="adamw", params=list(model.encoder.parameters()), lr=cfg.lr, betas=betas, eps=1e-6,
+    encoder, head = encoder_and_head(model)
+    groups = [dict(kind="adamw", name="encoder", params=encoder, lr=cfg.lr, betas=betas, eps=1e-6,
                    weight_decay=decoupled_decay(cfg.weight_decay, cfg.lr)),
-              dict(kind="adamw", params=list(model.head.parameters()), lr=head_lr, betas=betas, eps=1e-6,
+              dict(kind="adamw", name="head", params=head, lr=head_lr, betas=betas, eps=1e-6,
                    weight_decay=decoupled_decay(cfg.weight_decay, head_lr))]
     for g in groups:
         g["initial_lr"] = g["lr"]
     return MuonAdamW(groups, params_expected=list(model.parameters()))
 
 
-def model_card(task: str, cfg: FinetuneConfig, metrics_md: str) -> str:
+def model_card(task: str, cfg: FinetuneConfig, metrics_md: str, transformers: bool = False) -> str:
+    if transformers:
+        cls = "AutoModelForQuestionAnswering" if task in SQUAD else "AutoModelForSequenceClassification"
+        return (f"---\nlibrary_name: transformers\ntags: [{task}]\n---\n# {cfg.base_model} finetuned on {task}\n\n"
+                f"Finetuned by KBERT's finetuner.py (transformers' own {cls} head). Labels: "
+                f"{LABEL_NAMES.get(task, ['start', 'end'])}.\n\n```python\nfrom transformers import AutoTokenizer, {cls}\n\n"
+                f"model = {cls}.from_pretrained(\"path/to/this/folder\")\n"
+                f"tok = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```\n\n## Metrics\n{metrics_md}\n\n"
+                f"## Command\n`finetuner.py {' '.join(sys.argv[1:])}`\n")
     head = "span" if task in SQUAD else "classification"
     return (f"---\nlibrary_name: transformers\ntags: [kbert, {task}]\n---\n# KBERT finetuned on {task}\n\n"
             f"Base model: `{cfg.base_model}`. Labels: {LABEL_NAMES.get(task, ['start', 'end'])}.\n\n"
@@ -721,6 +663,23 @@ def export_finetuned(model: TaskModel, task: str, metrics: dict, folder: str, cf
               "labels": LABEL_NAMES.get(task, ["start", "end"]), "base_model": cfg.base_model, "metrics": metrics}
     card = model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```")
     common.save_pretrained(folder, state, config, card, max_len=cfg.squad_max_len if task in SQUAD else cfg.max_len, log=log)
+    log(f"saved finetuned model to {folder}")
+
+
+def export_transformers(model, tok, task: str, metrics: dict, folder: str, cfg: FinetuneConfig, log):
+    """One seed's transformers model: save_pretrained of the model (finetuning_task set) and of its
+    tokenizer, and a card; loads with AutoModelForSequenceClassification/AutoModelForQuestionAnswering.
+    Written into folder.tmp and renamed, as common.save_pretrained does."""
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.finetuning_task = task
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(task, cfg, f"```json\n{json.dumps(metrics, indent=2)}\n```", transformers=True))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
     log(f"saved finetuned model to {folder}")
 
 
@@ -761,26 +720,76 @@ def median_seed(per_seed: list[dict], split: str, metric: str) -> dict:
 # Training and evaluation
 
 
-class Runner:
-    """One finetuning run (one seed) of one task, on 1 or N ranks."""
+def clock() -> str:
+    """The time of day that starts every step, progress and result line of the finetuner's log."""
+    return datetime.datetime.now().strftime("%H:%M:%S")
 
-    def __init__(self, task, cfg, d: common.Dist, log, signals: common.StopSignals | None = None, resume_cmd: str = ""):
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress line every every_s seconds (none with 0): what, done/total, elapsed time and an
+    ETA at the rate so far, with the time of day. For runs off a terminal, where the progress
+    bars are off and a long pass would otherwise print nothing for minutes."""
+
+    def __init__(self, log, what: str, unit: str, every_s: float):
+        self.log, self.what, self.unit, self.every_s = log, what, unit, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int):
+        now = time.perf_counter()
+        if not self.every_s or not 0 < done < total or now - self.last < self.every_s:
+            return
+        self.last, elapsed = now, now - self.t0
+        self.log(f"{clock()} {self.what} {done}/{total} {self.unit} elapsed:{duration(elapsed)} "
+                 f"eta:{duration(elapsed / done * (total - done))}")
+
+
+class Runner:
+    """One finetuning run (one seed) of one task, on 1 or N ranks. The model is KBERT's TaskModel
+    (GLUE examples packed into rows, SQuAD windows of squad_max_len) or, with `tokens` (HFTokens),
+    a transformers model fed one example or window a row, padded to the batch's longest."""
+
+    def __init__(self, task, cfg, d: common.Dist, log, signals: common.StopSignals | None = None, resume_cmd: str = "",
+                 tokens: HFTokens | None = None):
         self.task, self.cfg, self.d, self.log = task, cfg, d, log
         self.signals, self.resume_cmd = signals, resume_cmd
+        self.tokens, self.hf = tokens, tokens is not None
         self.cuda = d.device.type == "cuda"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
     def prepare(self, model):
-        """Compile the encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows)."""
-        self.compiled = self.cuda and self.cfg.compile
+        """Compile KBERT's encoder on CUDA (static shapes: GLUE rows of pack_len, SQuAD windows);
+        a transformers model runs as it is."""
+        self.compiled = self.cuda and self.cfg.compile and not self.hf
         self.fixed_rows = -(-self.cfg.batch_size // self.d.world) if self.compiled else 0
-        self.encoder_fn = torch.compile(model.encoder, dynamic=False) if self.compiled else model.encoder
+        if not self.hf:
+            self.encoder_fn = torch.compile(model.encoder, dynamic=False) if self.compiled else model.encoder
 
     def encode(self, model, ids):
         with self.amp:
             return self.encoder_fn(ids)
 
+    def hf_outputs(self, model, batch_items, **labels):
+        """A transformers model's forward on batch_items (padded_batch), with its own loss when
+        labels are given (labels=..., or start_positions=/end_positions=)."""
+        batch = padded_batch(batch_items, self.tokens.pad_id, self.d.device)
+        with self.amp:
+            return model(**batch, **labels)
+
     def loss_on(self, model, batch_items):
+        if self.hf:  # transformers' own loss: mean cross-entropy (start and end for SQuAD) or MSE
+            as_tensor = lambda key, dtype: torch.tensor([it[key] for it in batch_items], device=self.d.device, dtype=dtype)
+            if self.task in SQUAD:
+                out = self.hf_outputs(model, batch_items, start_positions=as_tensor("start", torch.long),
+                                      end_positions=as_tensor("end", torch.long))
+            else:
+                out = self.hf_outputs(model, batch_items, labels=as_tensor(
+                    "label", torch.float32 if GLUE[self.task].n_labels == 1 else torch.long))
+            return out.loss.float() * len(batch_items)
         if self.task in SQUAD:
             n = len(batch_items)
             ids, valid, s, e = squad_batch(batch_items, self.cfg.squad_max_len, self.d.device, self.fixed_rows)
@@ -814,17 +823,17 @@ class Runner:
         steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
         steps = max(1, round(cfg.epochs * steps_per_epoch))
         opt = build_ft_optimizer(model, cfg)
-        warm = max(1, round(cfg.warmup_frac * steps))
         rng = np.random.default_rng(seed)
         order = []
         model.train()
         t0, seen = time.perf_counter(), 0
+        progress = Progress(self.log, f"seed:{seed} training", "steps", cfg.progress_every_s)
         for step in range(steps):
             if len(order) < cfg.batch_size:
                 order += list(rng.permutation(len(train_items)))
             batch = [train_items[i] for i in order[:cfg.batch_size]]
             del order[:cfg.batch_size]
-            mult = (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+            mult = trainer.lr_schedule(step, steps, cfg.warmup_frac, 1.0)  # warm-up, then linear decay to 0
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * mult
             mine = batch[d.rank::d.world]  # this rank's share; loss scaled so the all-reduced mean is the global mean
@@ -839,11 +848,14 @@ class Runner:
                 if not math.isfinite(lv):
                     raise SystemExit(f"step {step + 1}: loss is {lv}; lower --train.lr")
                 dt = time.perf_counter() - t0
-                self.log(f"seed:{seed} step:{step + 1}/{steps} loss:{lv:.4f} lr:{mult:.3f} examples/s:{seen / dt:.1f}")
+                lrs = " ".join(f"lr_{g['name']}:{g['lr']:.3g}" for g in opt.param_groups)  # this step's, as trainer.py logs
+                self.log(f"{clock()} seed:{seed} step:{step + 1}/{steps} loss:{lv:.4f} {lrs} examples/s:{seen / dt:.1f}")
+            else:
+                progress(step + 1, steps)
         return {"steps": steps, "train_examples_per_s": seen / (time.perf_counter() - t0)}
 
     @torch.no_grad()
-    def predict(self, model, items):
+    def predict(self, model, items, what: str = "evaluation"):
         """Outputs for items (this rank's share, gathered on every rank): class logits /
         regression values for GLUE, (start, end) logits per window for SQuAD."""
         model.eval()
@@ -851,11 +863,21 @@ class Runner:
         mine = list(range(d.rank, len(items), d.world))
         outs = {}
         t0 = time.perf_counter()
+        progress = Progress(self.log, what, "examples" if self.task in GLUE else "windows", self.cfg.progress_every_s)
         # a progress bar on a terminal only: redirected to a file its carriage returns garble the log
         for k in tqdm(range(0, len(mine), bs), desc="eval", disable=None if d.master else True, leave=False):
+            progress(k, len(mine))
             idx = mine[k:k + bs]
             batch = [items[i] for i in idx]
-            if self.task in SQUAD:
+            if self.hf:
+                out = self.hf_outputs(model, batch)
+                if self.task in SQUAD:
+                    for i, si, ei in zip(idx, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()):
+                        outs[i] = (si, ei)
+                else:
+                    for i, logits in zip(idx, out.logits.float().cpu().numpy()):
+                        outs[i] = logits
+            elif self.task in SQUAD:
                 ids, valid, _, _ = squad_batch(batch, self.cfg.squad_max_len, d.device, bs if self.compiled else 0)
                 with self.amp:
                     s, e = model.head(self.encode(model, ids))
@@ -877,7 +899,7 @@ class Runner:
         return [outs[i] for i in range(len(items))], rate * d.world
 
     def evaluate(self, model, split_name, rows, items, out_dir):
-        outs, rate = self.predict(model, items)
+        outs, rate = self.predict(model, items, f"evaluation of {split_name}")
         if self.task in SQUAD:
             preds, diffs = squad_postprocess(items, [o[0] for o in outs], [o[1] for o in outs], self.cfg)
             gold = collections.OrderedDict((r["id"], list(r["answers"]["text"])) for r in rows)
@@ -885,7 +907,7 @@ class Runner:
             # one scoring pass: the headline at the fixed threshold (none for v1.1, where every
             # question has an answer) and best_* from the official threshold sweep
             thresh = math.inf if self.task == "squad" else self.cfg.null_threshold
-            scores = squad_v2_scores(gold, preds, finite, thresh)
+            scores = evals.squad_v2_scores(gold, preds, finite, thresh)
             scores["headline_threshold"] = None if self.task == "squad" else thresh  # v1.1: no null answers
             thresholded = {q: ("" if finite[q] > thresh else p) for q, p in preds.items()}
             if self.d.master:
@@ -897,7 +919,11 @@ class Runner:
             spec = GLUE[self.task]
             gold = [it["label"] for it in items]
             pred = [float(o[0]) for o in outs] if spec.n_labels == 1 else [int(np.argmax(o)) for o in outs]
-            scores = {m: 100 * METRICS[m](pred, gold) for m in spec.metrics}
+            scores = {m: 100 * evals.METRICS[m](pred, gold) for m in spec.metrics}
+            if spec.n_labels > 1:  # the floor a small model's numbers stand on: a constant predictor's
+                floor = evals.majority_floor(pred, gold, spec.metrics)
+                majority, top = floor.pop("majority_label"), floor.pop("top_prediction_label")
+                scores.update(floor, majority_class=LABEL_NAMES[self.task][majority], top_prediction=LABEL_NAMES[self.task][top])
             if self.d.master:
                 os.makedirs(out_dir, exist_ok=True)
                 with open(os.path.join(out_dir, f"predictions_{split_name}.jsonl"), "w") as f:
@@ -939,18 +965,69 @@ def export_bytes(cfg: FinetuneConfig) -> int:
     return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
+def check_base_model(task: str, cfg: FinetuneConfig, kind: str, config: dict):
+    """What base_model's config.json decides before anything is written: with --train.epochs 0 it
+    must be finetuned on this task; a transformers model takes adamw, runs uncompiled and must
+    have positions for the longest sequence."""
+    if cfg.epochs == 0 and finetuned_on(kind, config) != task:
+        raise SystemExit(f"--train.epochs 0 evaluates a model finetuned on {task}, but {cfg.base_model} was "
+                         f"finetuned on {finetuned_on(kind, config)!r}")
+    if kind != "transformers":
+        return
+    if cfg.optimizer != "adamw":
+        raise SystemExit(f"--train.optimizer {cfg.optimizer}: Muon's groups are KBERT's parameter names; "
+                         f"{cfg.base_model} is a transformers model: use adamw")
+    if cfg.compile:
+        raise SystemExit(f"--train.compile true applies to KBERT; {cfg.base_model} (a transformers model) runs uncompiled")
+    longest, option = (cfg.squad_max_len, "squad_max_len") if task in SQUAD else (cfg.max_len, "max_len")
+    if longest > config.get("max_position_embeddings", longest):
+        raise SystemExit(f"--train.{option} {longest} is longer than {cfg.base_model}'s max_position_embeddings "
+                         f"{config['max_position_embeddings']}")
+
+
+def load_tokenizer(name: str):
+    """A transformers model's own tokenizer (AutoTokenizer), or one line saying why not."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise SystemExit(f"--train.base_model {name}: its tokenizer does not load with AutoTokenizer "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def transformers_note(name: str, config: dict) -> str:
+    """The log's account of how a transformers model is finetuned here, next to KBERT."""
+    import transformers
+
+    return (f"base model {name}: transformers {'/'.join(config.get('architectures') or [config.get('model_type', '?')])} "
+            f"(transformers {transformers.__version__}). Shared with KBERT: the files and examples, the truncation rule, "
+            f"batches and their order per seed, AdamW groups (encoder, head) with decoupled weight decay, the schedule, "
+            f"metrics, SQuAD windows and postprocessing, exports. Its own: tokenizer, task head and loss, dropout (its "
+            f"config's; --train.dropout is KBERT's). Rows: one example or window each, padded to the batch's longest "
+            f"(KBERT packs GLUE examples into rows with document masks; an example sees only itself either way). "
+            f"float32 weights, bf16 autocast on CUDA")
+
+
 def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
-    """Data first (bad input fails in one line before anything is written), the preflight of
-    the output folder, then the log and one finetuning run per seed, stopped cleanly by
-    SIGTERM or SIGINT."""
+    """The options (check), the base model's kind and the data first (bad input fails in one line
+    before anything is written), the preflight of the output folder, then the log and one
+    finetuning run per seed, stopped cleanly by SIGTERM or SIGINT. base_model is KBERT (an
+    export, or none) or any transformers model (read_base_config): the same loop runs both."""
+    check(cfg, task)
+    kind, base_config = read_base_config(cfg.base_model)
+    check_base_model(task, cfg, kind, base_config)
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run(f"ft-{task}", cfg, d)
-    from tokenizer import Tokenizer
+    if kind == "transformers":
+        tok = HFTokens(load_tokenizer(cfg.base_model), cfg.base_model)
+    else:
+        from tokenizer import Tokenizer
 
-    tok = Tokenizer()
+        tok = Tokenizer()
     train_path, eval_paths = task_files(task, cfg)
-    train_rows = read_jsonl(train_path)[: cfg.max_train_examples or None] if cfg.epochs else []  # epochs 0: evaluate only
-    eval_rows = {s: read_jsonl(p)[: cfg.max_eval_examples or None] for s, p in eval_paths.items()}
+    train_rows = evals.read_jsonl(train_path)[: cfg.max_train_examples or None] if cfg.epochs else []  # epochs 0: evaluate only
+    eval_rows = {s: evals.read_jsonl(p)[: cfg.max_eval_examples or None] for s, p in eval_paths.items()}
     if task in SQUAD:
         v1 = task == "squad"
         train_items = squad_features(train_rows, tok, cfg, train_path, v1=v1)
@@ -958,16 +1035,18 @@ def run_task(task: str, cfg: FinetuneConfig, argv: list[str] | None = None) -> d
     else:
         train_items = glue_examples(train_rows, task, tok, cfg.max_len, train_path)
         eval_items = {s: glue_examples(r, task, tok, cfg.max_len, eval_paths[s]) for s, r in eval_rows.items()}
-    n_seeds = len(cfg.seeds.split(","))
+    n_seeds = len(parse_seeds(cfg.seeds))
     common.preflight([(out_root, n_seeds * export_bytes(cfg), "--train.out_dir")], d)  # each seed's model
-    log.header([os.path.abspath(__file__)], {"task": task, **common.config_to_dict(cfg)}, d.device,
-               append=cfg.resume == "auto")
+    log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": task, **common.config_to_dict(cfg)},
+               d.device, append=cfg.resume == "auto")
     log(f"task {task}: {len(train_items)} training items from {train_path}; "
         + ", ".join(f"{s}: {len(v)}" for s, v in eval_items.items()))
+    if kind == "transformers":
+        log(transformers_note(cfg.base_model, base_config))
     resume_cmd = common.resume_command(os.path.abspath(__file__), sys.argv[1:] if argv is None else argv, run_id, d)
     aborted = f"aborted by a second SIGINT; finished seeds are kept; resume with: {resume_cmd}"
     with common.failures_logged(d, log, aborted), common.StopSignals() as signals:  # an expected failure is logged too
-        runner = Runner(task, cfg, d, log, signals, resume_cmd)
+        runner = Runner(task, cfg, d, log, signals, resume_cmd, tokens=tok if kind == "transformers" else None)
         summary = finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_items, runner)
     return summary
 
@@ -976,7 +1055,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
     """Every seed: build, fit, evaluate on every split, save (seed<k>/result.json last: the
     seed is finished); then the summary over seeds and the median seed's card (pushed with
     --train.hf_repo). With --train.resume auto a seed with a result.json is not redone."""
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    seeds = parse_seeds(cfg.seeds)
     # what a finished seed's result depends on: an earlier attempt's seed is reused only if these match
     config = {k: v for k, v in common.config_to_dict(cfg).items() if k not in RUN_OPTIONS}
     per_seed = []
@@ -991,7 +1070,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
             log(f"seed:{seed} was finished by an earlier attempt: its results ({done}) and model are reused")
             per_seed.append(earlier["result"])
             continue
-        model = build_model(cfg, task, seed).to(d.device)
+        model = build_model(cfg, task, seed, "transformers" if runner.hf else "kbert").to(d.device)
         if cfg.epochs:
             fit = runner.fit(model, train_items, seed)
         else:
@@ -1000,10 +1079,15 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
         result = {"seed": seed, **fit}
         for split, items in eval_items.items():
             result[split] = runner.evaluate(model, split, eval_rows[split], items, os.path.join(out_root, f"seed{seed}"))
-            log(f"seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result[split].items()}))
+            log(f"{clock()} seed:{seed} {split}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                                for k, v in result[split].items()}))
         per_seed.append(result)
         if d.master:
-            export_finetuned(model, task, result, os.path.join(out_root, f"seed{seed}", "model"), cfg, log)
+            folder = os.path.join(out_root, f"seed{seed}", "model")
+            if runner.hf:
+                export_transformers(model, runner.tokens.tok, task, result, folder, cfg, log)
+            else:
+                export_finetuned(model, task, result, folder, cfg, log)
             with open(done + ".tmp", "w") as f:
                 json.dump({"result": result, "config": config}, f, indent=2)
             os.replace(done + ".tmp", done)
@@ -1024,7 +1108,7 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
         with open(os.path.join(folder, "README.md"), "w") as f:
             middle = " (the lower of the two middle seeds)" if len(seeds) % 2 == 0 else ""
             f.write(model_card(task, cfg, f"{len(seeds)} seed(s). This is seed {chosen['seed']}, the median by {split}/{metric}"
-                                          f"{middle}.\n\n{seeds_table(per_seed, summary['summary'])}"))
+                                          f"{middle}.\n\n{seeds_table(per_seed, summary['summary'])}", transformers=runner.hf))
         log(f"seed {chosen['seed']} has the median {split}/{metric} ({chosen[split][metric]:.2f}): {folder}")
         if cfg.hf_repo:
             common.push_to_hub(folder, cfg.hf_repo, log)
@@ -1032,19 +1116,37 @@ def finetune(task, cfg, d, log, run_id, out_root, train_items, eval_rows, eval_i
 
 
 def run_blimp(cfg: FinetuneConfig) -> dict:
-    """Score an encoder on BLiMP, no training: out_dir/<run_id>/metrics.json (mean accuracy over
-    paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    """Score a masked LM on BLiMP, no training: KBERT (kbert_log_probs) or any transformers masked
+    LM (AutoModelForMaskedLM with its own tokenizer and mask token, masked_lm_log_probs), through
+    the same evals.blimp_scores, in float32. Writes out_dir/<run_id>/metrics.json (mean accuracy
+    over paradigms, per field and per paradigm) and predictions_blimp.jsonl (each pair's PLLs)."""
+    check(cfg, "blimp")
+    kind, _ = read_base_config(cfg.base_model)
     d = common.setup_distributed(cfg.device)
     run_id, log, out_root = start_run("blimp", cfg, d, resumable=False)
     from tokenizer import Tokenizer
 
     path = cfg.eval_files or os.path.join(cfg.data_dir, "blimp", "blimp.jsonl")
-    rows = read_blimp(path, cfg.blimp_pairs)
-    model = build_encoder(cfg, int(cfg.seeds.split(",")[0])).to(d.device).eval()  # the seed: base_model none only
-    log.header([os.path.abspath(__file__)], {"task": "blimp", **common.config_to_dict(cfg)}, d.device)
-    t0 = time.perf_counter()
+    rows = evals.read_blimp(path, cfg.blimp_pairs)
     # float32, no autocast: bf16 log-probabilities would decide close pairs by rounding
-    result = blimp_scores(functools.partial(kbert_log_probs, model), rows, Tokenizer(), cfg.eval_batch_size, d.device)
+    if kind == "transformers":  # any masked LM with its own tokenizer and mask token
+        from transformers import AutoModelForMaskedLM
+
+        tok = load_tokenizer(cfg.base_model)
+        mask_id = evals.specials_of(tok).mask
+        model = AutoModelForMaskedLM.from_pretrained(cfg.base_model, dtype=torch.float32).to(d.device).eval()
+        log_probs = functools.partial(evals.masked_lm_log_probs, model, mask_id)
+    else:
+        tok = Tokenizer()
+        model = build_encoder(cfg, parse_seeds(cfg.seeds)[0]).to(d.device).eval()  # the seed: base_model none only
+        log_probs = functools.partial(evals.kbert_log_probs, model)
+    log.header([os.path.abspath(__file__), os.path.abspath(evals.__file__)], {"task": "blimp", **common.config_to_dict(cfg)},
+               d.device)
+    if kind == "transformers":
+        log(f"base model {cfg.base_model}: transformers {type(model).__name__}, its own tokenizer and mask token, float32")
+    t0 = time.perf_counter()
+    progress = Progress(log, "blimp", "masked copies", cfg.progress_every_s)
+    result = evals.blimp_scores(log_probs, rows, tok, cfg.eval_batch_size, d.device, progress)
     dt = time.perf_counter() - t0
     good, bad = result.pop("pll_good"), result.pop("pll_bad")
     metrics = {"task": "blimp", "run_id": run_id, "base_model": cfg.base_model, "data": path,
@@ -1073,7 +1175,7 @@ USAGE = __doc__.split("Data are")[0].rstrip() + "\n\n--task is one of " + ", ".j
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--score-squad"]:
-        return score_squad_cli(argv[1:])
+        return evals.score_squad_cli(argv[1:])
     rest, task = list(argv), None
     if "--task" in rest:
         i = rest.index("--task")
@@ -1089,29 +1191,7 @@ def main(argv: list[str] | None = None):
     if task is None:
         raise SystemExit(f"--task is required: one of {', '.join(TASKS)} (--help lists every option)")
     cfg = FinetuneConfig(**overrides["train"])
-    common.check_device(cfg.device)
-    if cfg.resume not in ("", "auto"):
-        raise SystemExit(f"--train.resume {cfg.resume!r}: the finetuner resumes with auto (and --train.run_id): "
-                         "finished seeds are kept, an unfinished one starts over")
-    if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
-        raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
-                         "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
-    if task == "blimp":
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise SystemExit("--task blimp scores on one process (one GPU holds it): run it with python, not torchrun")
-        if cfg.blimp_pairs < 0:
-            raise SystemExit(f"--train.blimp_pairs must be >= 0 (0: all pairs), got {cfg.blimp_pairs}")
-        return run_blimp(cfg)
-    if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.base_model == "none"):
-        raise SystemExit("--train.epochs 0 evaluates a finetuned model: give it as --train.base_model "
-                         "(finetuned/<run_id>/seed<k>/model); otherwise --train.epochs must be > 0")
-    if cfg.pack_len % 128 or cfg.squad_max_len % 128:
-        raise SystemExit("--train.pack_len and --train.squad_max_len must be multiples of 128 (FlexAttention blocks)")
-    if cfg.max_len > cfg.pack_len:
-        raise SystemExit(f"--train.max_len {cfg.max_len} must not exceed --train.pack_len {cfg.pack_len}")
-    if task in SQUAD:
-        check_doc_stride(cfg)
-    return run_task(task, cfg, argv)
+    return run_blimp(cfg) if task == "blimp" else run_task(task, cfg, argv)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, lr, betas, eps, weight
     p.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
+def decoupled_decay(weight_decay: float, lr: float) -> float:
+    """The group weight decay that makes MuonAdamW's shrink per step (lr_t x group decay, torch
+    semantics) equal composer's DecoupledAdamW one, weight_decay x lr_t / lr: ModernBERT's
+    finetuning recipe, where the decay follows the schedule but not the lr's size."""
+    return weight_decay / lr if lr else 0.0  # lr 0: the weights never move, nothing to decay
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups each carry `kind`: "muon" (2-D hidden matrices) or "adamw".
     muon keys:  lr, momentum, nesterov, weight_decay

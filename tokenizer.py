@@ -60,6 +60,11 @@ class Tokenizer:
     """Encodes text for KBERT: single texts `[CLS] a [SEP]`, pairs `[CLS] a [SEP] b [SEP]`,
     batches, decoding, and per-token character offsets for span extraction."""
 
+    # the special ids under transformers' tokenizer names, so that code taking either tokenizer
+    # reads both the same way (evals.blimp_scores)
+    cls_token_id, sep_token_id, mask_token_id, pad_token_id = CLS_ID, SEP_ID, MASK_ID, PAD_ID
+    all_special_ids = list(SPECIAL_IDS)
+
     def __init__(self):
         try:
             self.bpe = tiktoken.get_encoding("gpt2")

@@ -447,6 +447,17 @@ def use_compile(t: TrainConfig, device_type: str) -> bool:
     return device_type == "cuda" or t.steps >= 1000
 
 
+def parse_betas(text: str, option: str) -> tuple[float, float]:
+    """Adam's "b1,b2" from the command line, each in [0, 1), or one line naming the option."""
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SystemExit(f"{option} {text!r}: expected two numbers in [0, 1) as b1,b2, e.g. 0.9,0.98")
+    return betas
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | None = None) -> MuonAdamW:
     """Muon: 2-D matrices inside the blocks. AdamW: the embedding (= tied MLM head), and
     every gain and scalar. `extra_adam`: (params, lr) of task heads (finetuner). Call after
@@ -456,7 +467,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, extra_adam: list | N
     embed = [p for n, p in named if n.startswith(("embed.", "mlm_head."))]
     taken = {id(p) for p in hidden + embed}
     scalars = [p for _, p in named if id(p) not in taken]
-    betas = tuple(float(b) for b in t.adam_betas.split(","))
+    betas = parse_betas(t.adam_betas, "--train.adam_betas")
     groups = [dict(kind="muon", name="muon", params=hidden, lr=t.lr_muon, momentum=t.muon_momentum_end,
                    weight_decay=t.weight_decay),
               dict(kind="adamw", name="embed", params=embed, lr=t.lr_embed, betas=betas),
@@ -532,13 +543,23 @@ def lerp(a, b, frac):
     return a + (b - a) * min(max(frac, 0.0), 1.0)
 
 
-def lr_multiplier(step: int, t: TrainConfig) -> float:
-    warm, cool = max(1, round(t.warmup_frac * t.steps)), round(t.cooldown_frac * t.steps)
+def lr_schedule(step: int, steps: int, warmup_frac: float, cooldown_frac: float) -> float:
+    """The learning-rate multiplier of trainer and finetuner: linear warm-up over
+    round(warmup_frac x steps) steps (at least 1), then 1, then linear decay to 0 over the last
+    round(cooldown_frac x steps) steps (warmup-stable-decay). cooldown_frac 1 decays from the end
+    of the warm-up on (the finetuner's warm-up then linear decay); the decay never starts before
+    the warm-up has ended."""
+    warm = max(1, round(warmup_frac * steps))
     if step < warm:
         return (step + 1) / warm
-    if step >= t.steps - cool:
-        return max(0.0, (t.steps - step) / max(1, cool))
+    decay_from = max(warm, steps - round(cooldown_frac * steps))
+    if step >= decay_from:
+        return max(0.0, (steps - step) / max(1, steps - decay_from))
     return 1.0
+
+
+def lr_multiplier(step: int, t: TrainConfig) -> float:
+    return lr_schedule(step, t.steps, t.warmup_frac, t.cooldown_frac)
 
 
 def windows_at(step: int, t: TrainConfig, seq_len: int | None = None) -> tuple[int, int]:

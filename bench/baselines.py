@@ -64,8 +64,8 @@ def build(recipe: str, d_model: int, n_layer: int, seq_len: int, seed: int = 0):
 def optimizer(model, recipe: str, lr: float) -> torch.optim.AdamW:
     """torch's AdamW with the recipe's settings. ModernBERT's decoupled decay shrinks weights
     by wd x (lr_t / lr) a step, torch's by lr_t x weight_decay: weight_decay = wd / lr gives
-    the same (finetuner.decoupled_decay)."""
-    from finetuner import decoupled_decay
+    the same (optimizer.decoupled_decay)."""
+    from optimizer import decoupled_decay
 
     R = RECIPES[recipe]
     wd = decoupled_decay(R["decoupled_wd"], lr) if R["decoupled_wd"] else R["wd"]

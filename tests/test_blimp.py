@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import evals
 import finetuner
 import trainer
 from conftest import shared_path
@@ -61,7 +62,7 @@ def test_pll_and_accuracy_by_hand():
     assert expected == [-46, -46, -41, -46, -15, -78, -60, -215]
     for batch_rows in (1, 3, 64):  # a sentence's copies split over batches, or all in one
         calls = []
-        assert finetuner.pll_scores(functools.partial(toy_log_probs, calls), sentences, batch_rows) == expected
+        assert evals.pll_scores(functools.partial(toy_log_probs, calls), sentences, batch_rows) == expected
         # every ordinary token masked exactly once, in a copy of its own; never [CLS], [SEP] or [PAD]
         want = collections.Counter(tuple(MASK_ID if j == i else t for j, t in enumerate(ids))
                                    for ids in sentences for i, t in enumerate(ids) if t < CLS_ID)
@@ -69,22 +70,22 @@ def test_pll_and_accuracy_by_hand():
     def at_mask(ids, attention_mask):  # log-probabilities (B, V) at the [MASK]s only, as kbert_log_probs returns
         return toy_log_probs([], ids, attention_mask)[ids == MASK_ID]
 
-    assert finetuner.pll_scores(at_mask, sentences, 3) == expected
+    assert evals.pll_scores(at_mask, sentences, 3) == expected
     # the padding is real: with 64 rows, sentences of 3 to 7 tokens share one batch
     assert {len(c) for c in calls} == {3, 4, 5, 7}
 
     pll = dict(zip(names, expected))
     rows = [{"UID": u, "field": f, "linguistics_term": "x", "pairID": str(k)} for k, (u, f, _, _) in enumerate(PAIRS)]
-    out = finetuner.blimp_accuracy(rows, [pll[g] for *_, g, _ in PAIRS], [pll[b] for *_, b in PAIRS])
+    out = evals.blimp_accuracy(rows, [pll[g] for *_, g, _ in PAIRS], [pll[b] for *_, b in PAIRS])
     assert out["paradigms"] == {"p1": 2 / 3, "p2": 1 / 2, "p3": 0.0}
     assert out["accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)  # the mean over paradigms, not over pairs (3/6)
     assert out["fields"] == {"syntax": pytest.approx((2 / 3 + 1 / 2) / 2), "syntax_semantics": 0.0}
     assert out["pairs"] == 6
 
     with pytest.raises(ValueError, match=r"sentence 1: expected \[CLS\] tokens \[SEP\]"):
-        finetuner.pll_scores(at_mask, [[C, 1, S], [1, 2, S]], 4)
+        evals.pll_scores(at_mask, [[C, 1, S], [1, 2, S]], 4)
     with pytest.raises(ValueError, match="one \\[MASK\\] each"):
-        finetuner.pll_scores(lambda ids, am: at_mask(ids, am)[:1], [[C, 1, 2, S]], 4)  # 1 row of log-probs for 2
+        evals.pll_scores(lambda ids, am: at_mask(ids, am)[:1], [[C, 1, 2, S]], 4)  # 1 row of log-probs for 2
 
 
 def write_jsonl(path, rows):
@@ -99,22 +100,22 @@ def blimp_row(uid, k, field="syntax"):
 
 def test_read_blimp_sample_and_errors(tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", [blimp_row("a", k) for k in range(5)] + [blimp_row("b", k) for k in range(2)])
-    got = finetuner.read_blimp(path, 3)  # the first 3 of each paradigm in file order
+    got = evals.read_blimp(path, 3)  # the first 3 of each paradigm in file order
     assert [(r["UID"], r["pairID"]) for r in got] == [("a", "0"), ("a", "1"), ("a", "2"), ("b", "0"), ("b", "1")]
-    assert len(finetuner.read_blimp(path, 0)) == 7
+    assert len(evals.read_blimp(path, 0)) == 7
     missing = str(tmp_path / "none.jsonl")
     with pytest.raises(SystemExit, match=f"{missing} does not exist.*python data/download_blimp.py"):
-        finetuner.read_blimp(missing)
+        evals.read_blimp(missing)
     lines = open(path).read().splitlines()
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:2] + ['{"UID": "a", "field": '] + lines[2:]) + "\n")
     with pytest.raises(SystemExit, match=f"{bad}:3: not a JSON line"):
-        finetuner.read_blimp(str(bad))
+        evals.read_blimp(str(bad))
     row = blimp_row("a", 9)
     del row["sentence_bad"]
     bad.write_text("\n".join(lines[:1] + ["", json.dumps(row)]) + "\n")
     with pytest.raises(SystemExit, match=f"{bad}:3: a BLiMP row has the keys"):
-        finetuner.read_blimp(str(bad))
+        evals.read_blimp(str(bad))
 
 
 def test_download_blimp_with_a_fake_hub(tmp_path, monkeypatch):
@@ -144,8 +145,8 @@ def test_download_blimp_with_a_fake_hub(tmp_path, monkeypatch):
     got = [json.loads(line) for line in open(out)]
     assert got[4] == {"UID": "wh_island", "field": "syntax", "linguistics_term": "island_effects", "pairID": "1",
                       "sentence_good": "Good 1.", "sentence_bad": "Bad 1."}
-    assert len(got) == 6 and all(list(r) == list(finetuner.BLIMP_KEYS) for r in got)
-    assert len(finetuner.read_blimp(str(out), 2)) == 4
+    assert len(got) == 6 and all(list(r) == list(evals.BLIMP_KEYS) for r in got)
+    assert len(evals.read_blimp(str(out), 2)) == 4
     download_blimp.main(["--out", str(out)])  # present: skipped
     assert len(loads) == 2
 
@@ -184,8 +185,8 @@ def test_blimp_command_on_a_tiny_export_equals_the_scorer(tmp_path, tok, monkeyp
 
     model, _ = trainer.load_encoder(folder)
     model.eval()
-    rows = finetuner.read_blimp(str(sub), 3)
-    direct = finetuner.blimp_scores(functools.partial(finetuner.kbert_log_probs, model), rows, tok, 16)
+    rows = evals.read_blimp(str(sub), 3)
+    direct = evals.blimp_scores(functools.partial(evals.kbert_log_probs, model), rows, tok, 16)
     assert [p["pll_good"] for p in preds] == direct["pll_good"] and [p["pll_bad"] for p in preds] == direct["pll_bad"]
     assert {k: saved[k] for k in ("accuracy", "paradigms", "fields", "pairs")} == \
         {k: direct[k] for k in ("accuracy", "paradigms", "fields", "pairs")}

@@ -17,6 +17,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
                           AutoModelForSequenceClassification, AutoTokenizer, pipeline)
 
 import common
+import evals
 import finetuner
 import tokenizer
 import trainer
@@ -91,7 +92,7 @@ def finetuned(pretrained, tmp_path_factory):
                 "--train.run_id", task] + common_args + extra
         in_dir(tmp, finetuner.main, args)
         cfg = finetuner.FinetuneConfig(**common.parse_overrides(args[2:], finetuner.GROUPS)[0]["train"])
-        out[task] = (str(tmp / "finetuned" / task / "seed0" / "model"), finetuner.read_jsonl(str(data)), cfg)
+        out[task] = (str(tmp / "finetuned" / task / "seed0" / "model"), evals.read_jsonl(str(data)), cfg)
     return out
 
 

@@ -1,8 +1,8 @@
-"""finetuner.py: the official SQuAD v2 scorer, span recovery, GLUE metrics, packing,
-overfitting runs, export/reload, bad inputs."""
+"""finetuner.py: span recovery, packing, overfitting runs, export/reload, bad inputs, schedules."""
+import dataclasses
 import json
-import math
 import os
+import re
 import subprocess
 import sys
 
@@ -10,48 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+import evals
 import finetuner
+import trainer
 from conftest import shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ["bert_single", "nlnet_single", "bidaf_elmo_single"]
 
 
 @pytest.fixture(scope="module")
 def squad_dev():
     return str(shared_path("data", "squad_v2", "validation.jsonl"))
-
-
-def test_scorer_equals_official_outputs(squad_dev):
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    official = json.load(open(pred_dir / "official_scores.json"))
-    gold = finetuner.load_squad_gold(squad_dev)
-    for name in SYSTEMS:
-        mine = finetuner.squad_v2_scores(gold, json.load(open(pred_dir / f"{name}.json")))
-        assert mine == official[name] and list(mine) == list(official[name]), name  # to the last digit, same keys
-    na = json.load(open(pred_dir / "bert_single.na_probs.json"))
-    mine = finetuner.squad_v2_scores(gold, json.load(open(pred_dir / "bert_single.json")), na)
-    assert mine == official["bert_single+na_probs"]
-
-
-def test_score_squad_command_and_official_json_format(squad_dev, tmp_path):
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    official = json.load(open(pred_dir / "official_scores.json"))
-    # the official nested JSON format, rebuilt from the jsonl rows
-    rows = [json.loads(line) for line in open(squad_dev)]
-    data = {"version": "v2.0", "data": [{"title": "all", "paragraphs": [
-        {"context": r["context"], "qas": [{"id": r["id"], "question": r["question"],
-                                          "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}
-        for r in rows]}]}
-    nested = tmp_path / "dev-v2.0.json"
-    nested.write_text(json.dumps(data))
-    cmd = [sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", str(nested), str(pred_dir / "bert_single.json"),
-           "--na-prob-file", str(pred_dir / "bert_single.na_probs.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == official["bert_single+na_probs"]
-    r = subprocess.run(cmd[:4] + [str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "missing.json does not exist" in r.stderr
 
 
 def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
@@ -65,8 +34,8 @@ def test_gold_answers_recoverable_from_token_windows(squad_dev, tok):
             assert 0 < f["start"] <= f["end"] < len(f["ids"]) - 1
             recovered.setdefault(f["qid"], f["context"][f["spans"][s][0]:f["spans"][e][1]].strip())
     exact = np.mean([recovered.get(r["id"]) == r["answers"]["text"][0] for r in answerable])
-    normalized = np.mean([r["id"] in recovered and finetuner.normalize_answer(recovered[r["id"]]) ==
-                          finetuner.normalize_answer(r["answers"]["text"][0]) for r in answerable])
+    normalized = np.mean([r["id"] in recovered and evals.normalize_answer(recovered[r["id"]]) ==
+                          evals.normalize_answer(r["answers"]["text"][0]) for r in answerable])
     covered = len(recovered) / len(answerable)
     print(f"{len(answerable)} answerable questions, {len(feats)} windows: answer inside a window {covered:.4f}, "
           f"exact text recovered {exact:.4f}, normalized match {normalized:.4f}")
@@ -133,18 +102,6 @@ def test_squad_windows_see_every_context_token_and_overlap_by_doc_stride(tok, tm
     with pytest.raises(SystemExit, match=r"--train.doc_stride 200 .*--train.squad_max_len 256"):
         finetuner.main(["--task", "squad", "--train.squad_max_len", "256", "--train.doc_stride", "200"])
     assert not os.path.exists(tmp_path / "logs")
-
-
-def test_glue_metrics_match_hand_computed_values():
-    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
-    assert finetuner.accuracy(pred, gold) == pytest.approx(0.6)
-    assert finetuner.f1_binary(pred, gold) == pytest.approx(2 / 3)
-    assert finetuner.matthews(pred, gold) == pytest.approx(1 / 6)
-    assert finetuner.matthews([1, 1], [1, 1]) == 0.0  # degenerate: defined as 0
-    x, y = [1, 2, 3, 4], [2, 4, 5, 4]
-    assert finetuner.pearson(x, y) == pytest.approx(3.5 / np.sqrt(23.75))
-    assert finetuner.spearman(x, y) == pytest.approx(3 / np.sqrt(22.5))  # tied ranks averaged
-    assert finetuner.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
 
 
 def test_packed_examples_classify_as_if_alone(tok):
@@ -224,10 +181,10 @@ def test_squad_subset_overfits(tmp_path, tok):
     na = json.load(open(pred_dir / "na_probs_sq48.json"))
     assert len(preds) == 48 and set(preds) == set(na)
     # the written files reproduce the reported numbers through the official scorer
-    gold = finetuner.load_squad_gold(str(sub))
-    assert finetuner.squad_v2_scores(gold, preds)["exact"] == s["exact"]
+    gold = evals.load_squad_gold(str(sub))
+    assert evals.squad_v2_scores(gold, preds)["exact"] == s["exact"]
     nonnull = json.load(open(pred_dir / "predictions_nonnull_sq48.json"))
-    assert finetuner.squad_v2_scores(gold, nonnull, na, 0.0)["f1"] == s["f1"]
+    assert evals.squad_v2_scores(gold, nonnull, na, 0.0)["f1"] == s["f1"]
 
 
 def test_bad_inputs_fail_clearly(tmp_path, tok):
@@ -253,7 +210,7 @@ def test_bad_inputs_fail_clearly(tmp_path, tok):
     with pytest.raises(SystemExit, match="v1.1 question without an answer"):
         finetuner.squad_features([{**row, "answers": {"text": [], "answer_start": []}}], tok, cfg, "x", v1=True)
     with pytest.raises(SystemExit, match="download_glue"):
-        finetuner.read_jsonl(str(tmp_path / "nope.jsonl"))
+        evals.read_jsonl(str(tmp_path / "nope.jsonl"))
     with pytest.raises(SystemExit, match=r"--task is required: one of cola, .*blimp \(--help lists every option\)"):
         finetuner.main(["--train.lr", "1e-4"])
     with pytest.raises(SystemExit, match="--train.device 'gpu': choose auto"):
@@ -278,44 +235,13 @@ def test_bad_data_files_fail_in_one_line_before_any_output(tmp_path, monkeypatch
         print(f"{name}: {e.value}")
         assert "\n" not in str(e.value) and not (tmp_path / "logs").exists() and not (tmp_path / "finetuned").exists()
     (tmp_path / "exports").mkdir()  # a local folder of that name: exports/... is a path, not a Hub id
-    with pytest.raises(SystemExit, match=r"^--train.base_model: no such export folder: exports/does-not-exist \("):
+    with pytest.raises(SystemExit, match=r"^--train.base_model exports/does-not-exist: no such folder$"):
         finetuner.main(base + ["--train.train_file", "good.jsonl", "--train.eval_files", "good.jsonl",
                                "--train.base_model", "exports/does-not-exist", "--train.run_id", "missing-model"])
 
 
-def test_score_squad_command_on_bad_or_partial_predictions(squad_dev, tmp_path):
-    """Not JSON, a JSON list, or predictions for half the questions: one line on stderr each;
-    missing predictions are scored as empty answers, so the scores are those of the file with
-    "" for every missing id."""
-    pred_dir = shared_path("data", "squad_v2", "predictions")
-    preds = json.load(open(pred_dir / "bert_single.json"))
-    half = dict(list(preds.items())[::2])
-    (tmp_path / "half.json").write_text(json.dumps(half))
-    (tmp_path / "list.json").write_text(json.dumps(list(preds.values())))
-    (tmp_path / "text.json").write_text("these are not predictions")
-    cmd = [sys.executable, os.path.join(ROOT, "finetuner.py"), "--score-squad", squad_dev]
-    for name, want in (("text.json", "text.json: not JSON"), ("list.json", "list.json: a JSON list, expected an object")):
-        r = subprocess.run(cmd + [str(tmp_path / name)], capture_output=True, text=True, timeout=120)
-        print(f"{name}: exit {r.returncode}: {r.stderr.strip()}")
-        assert r.returncode == 1 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run(cmd + [str(tmp_path / "half.json")], capture_output=True, text=True, timeout=120)
-    print(f"half.json: exit {r.returncode}: {r.stderr.strip()}")
-    assert r.returncode == 0 and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith(f"5,936 of 11,873 question ids have no prediction in {tmp_path / 'half.json'}, e.g. ")
-    # by hand: a missing id scores 1 when the question has no answer, else 0 (the empty answer);
-    # the predicted half is a complete file of its own questions, where the scorer equals the official one
-    gold, got = finetuner.load_squad_gold(squad_dev), json.loads(r.stdout)
-    scored = finetuner.squad_v2_scores({q: gold[q] for q in half}, half)
-    no_answer_missing = sum(not gold[q] for q in gold if q not in half)
-    for key in ("exact", "f1"):
-        want = (scored[key] * len(half) + 100 * no_answer_missing) / len(gold)
-        assert got["total"] == len(gold) and math.isclose(got[key], want, rel_tol=1e-12), (key, got[key], want)
-
-
 def test_one_vs_two_processes_same_finetuning(tmp_path, tok):
     """torchrun --nproc_per_node=2 (gloo) splits each batch over ranks: same losses and metrics."""
-    import re
-
     src = shared_path("data", "glue", "mnli", "validation_matched.jsonl")
     sub = tmp_path / "m64.jsonl"
     sub.write_text("".join(open(src).readlines()[:64]))
@@ -461,7 +387,6 @@ def test_a_stopped_multi_seed_run_resumes_without_redoing_finished_seeds(tmp_pat
     step finishes and the run exits 143 naming the command that resumes. That command (a rerun
     with --train.resume auto) does not train seed 0 again but reuses its saved result, trains
     seed 1 from its start to what a run of seed 1 alone gives, and summarizes both."""
-    import re
     import shlex
     import signal
 
@@ -504,3 +429,173 @@ def test_a_stopped_multi_seed_run_resumes_without_redoing_finished_seeds(tmp_pat
     assert {k: v for k, v in out["seeds"][1]["stsb"].items() if "per_s" not in k} == \
         {k: v for k, v in alone["stsb"].items() if "per_s" not in k}
     assert "seed:0 was finished by an earlier attempt" in open(tmp_path / "logs" / "st.txt").read()
+
+
+def test_one_lr_schedule_gives_the_old_finetuner_and_trainer_multipliers():
+    """trainer.lr_schedule serves both scripts. The finetuner's multiplier at every step equals
+    its old inline formula exactly; the trainer's equals its old one wherever warm-up and
+    cool-down do not overlap (where they did, the old one jumped down after the warm-up; the
+    decay now starts when the warm-up ends)."""
+    def old_finetuner(step, steps, warmup_frac):
+        warm = max(1, round(warmup_frac * steps))
+        return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+
+    def old_trainer(step, steps, warmup_frac, cooldown_frac):
+        warm, cool = max(1, round(warmup_frac * steps)), round(cooldown_frac * steps)
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, cool)) if step >= steps - cool else 1.0
+
+    checked = {"finetuner": 0, "trainer": 0}
+    for steps in (1, 2, 3, 7, 10, 25, 100, 1001):
+        for wf in (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0):
+            for step in range(steps + 2):
+                assert trainer.lr_schedule(step, steps, wf, 1.0) == old_finetuner(step, steps, wf), (step, steps, wf)
+                checked["finetuner"] += 1
+                for cf in (0.0, 0.1, 0.3, 0.5):
+                    if max(1, round(wf * steps)) <= steps - round(cf * steps):
+                        assert trainer.lr_schedule(step, steps, wf, cf) == old_trainer(step, steps, wf, cf), (step, steps, wf, cf)
+                        checked["trainer"] += 1
+    t = trainer.TrainConfig()
+    assert [trainer.lr_multiplier(s, t) for s in (0, 186, 187, 13090, 13091, 18699)] == \
+        [old_trainer(s, t.steps, t.warmup_frac, t.cooldown_frac) for s in (0, 186, 187, 13090, 13091, 18699)]
+    print(f"identical multipliers: {checked}")
+
+
+def test_betas_are_parsed_in_one_place_with_one_line_errors():
+    assert trainer.parse_betas("0.9,0.98", "--train.betas") == (0.9, 0.98)
+    assert trainer.parse_betas("0,0.999", "--train.betas") == (0.0, 0.999)
+    for bad in ("0.9", "0.9,x", "0.9,1", "-0.1,0.9", "0.9,0.98,0.99", "nan,0.9", ""):
+        with pytest.raises(SystemExit) as e:
+            trainer.parse_betas(bad, "--train.betas")
+        print(e.value)
+        assert str(e.value).startswith(f"--train.betas {bad!r}: ") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match=r"^--train.adam_betas must be 2 numbers in \[0, 1\), got '0.8;0.95'$"):
+        trainer.parse_args(["--train.adam_betas", "0.8;0.95"])  # the option's declared values, checked when parsed
+
+
+# -- issue 19: every option checked first, floors, progress, learning rates in the log ------------
+
+
+MNLI_ROWS = [{"premise": f"The car number {i} is parked by the station.", "hypothesis": "A car " * (i % 3 + 1) + "is parked.",
+              "label": [0, 0, 1, 2][i % 4], "idx": i} for i in range(8)]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_every_option_has_a_rule_and_a_bad_value_stops_before_any_file(tmp_path, monkeypatch):
+    """Issue 19 item 5: every FinetuneConfig field has a rule in finetuner.RULES; a bad value of
+    each exits with one line naming the option and the value, before a log or a folder exists.
+    Before, --train.seeds 0,x and --train.batch_size 0 ended in a ValueError and a
+    ZeroDivisionError traceback after the log was written."""
+    assert set(finetuner.RULES) == {f.name for f in dataclasses.fields(finetuner.FinetuneConfig)}
+    monkeypatch.chdir(tmp_path)
+    bad = {"base_model": "", "preset": "huge", "data_dir": "", "eval_files": "a/dev.jsonl,b/dev.jsonl",
+           "max_train_examples": "-1", "max_eval_examples": "-2", "optimizer": "sgd", "lr": "-1e-5", "head_lr": "inf",
+           "muon_lr": "nan", "weight_decay": "1.5", "betas": "0.9", "warmup_frac": "1.5", "epochs": "-1", "batch_size": "0",
+           "max_len": "3", "pack_len": "1000", "squad_max_len": "0", "doc_stride": "-1", "max_query_len": "0",
+           "max_answer_len": "0", "n_best": "0", "null_threshold": "nan", "dropout": "1", "seeds": "0,x",
+           "eval_batch_size": "0", "blimp_pairs": "-1", "out_dir": "", "hf_repo": "not a repo", "run_id": "a/b",
+           "resume": "yes", "device": "gpu", "log_every": "0", "progress_every_s": "-1"}
+    unchecked = {"train_file", "overwrite", "compile"}  # any path (read before the log), booleans (parsed)
+    assert set(bad) | unchecked == set(finetuner.RULES)
+    for key, value in {**bad, "seeds": "1,1"}.items():
+        with pytest.raises(SystemExit) as e:
+            finetuner.main(["--task", "mnli", f"--train.{key}", value])
+        print(e.value)
+        assert str(e.value).startswith(f"--train.{key} ") and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_option_or_a_missing_folder_exits_1_with_one_line_and_no_log(tmp_path):
+    """Issue 19 items 5 and 8, as a user sees them: exit 1, one line on stderr, nothing on stdout,
+    no log. Before: tracebacks for --train.seeds 0,x and --train.batch_size 0; for a base model
+    under exports/ in a fresh clone (no exports/ folder), the Hub's LocalEntryNotFoundError, printed
+    twice, each time leaving logs/<run_id>.txt behind."""
+    cases = {"--train.seeds": ("0,x", "--train.seeds '0,x': must be distinct integers"),
+             "--train.batch_size": ("0", "--train.batch_size 0: must be >= 1"),
+             "--train.base_model": ("exports/does-not-exist", "--train.base_model exports/does-not-exist: no such folder")}
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    for option, (value, want) in cases.items():
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "finetuner.py"), "--task", "mnli", option, value],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        print(f"{option} {value}: exit {r.returncode}, stdout {r.stdout!r}, stderr {r.stderr!r}")
+        assert (r.returncode, r.stdout, r.stderr.strip()) == (1, "", r.stderr.strip().splitlines()[0])
+        assert r.stderr.startswith(want) and os.listdir(tmp_path) == []
+
+
+def test_a_name_that_looks_like_a_path_is_never_asked_of_the_hub(tmp_path, monkeypatch):
+    """Issue 19 item 8: exports/..., finetuned/..., ./... and an existing folder's sub-path are
+    folders; missing, each is one line, and the Hub is never asked."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    for name in ("exports/does-not-exist", "finetuned/x/seed0/model", "./model", "../model", "mine/model"):
+        with pytest.raises(SystemExit, match=f"^--train.base_model {re.escape(name)}: no such folder$"):
+            finetuner.main(["--task", "mnli", "--train.base_model", name])
+    (tmp_path / "mine" / "model").mkdir()
+    with pytest.raises(SystemExit, match="^--train.base_model mine/model: no config.json in it"):
+        finetuner.main(["--task", "mnli", "--train.base_model", "mine/model"])
+    assert os.listdir(tmp_path) == ["mine"]
+
+
+def test_classification_metrics_carry_the_majority_floor_and_the_top_prediction_share(tmp_path, tok):
+    """Issue 19 item 14: with lr 0 KBERT's classifier (zero output layer) predicts label 0 for
+    every example: its accuracy is the majority class's, all of its predictions are one class;
+    metrics.json and the log say so next to the accuracy. By hand: labels 0,0,1,2 x 2, majority
+    class 0 (entailment) with 4 of 8; MRPC-like F1 of always predicting the majority class 1."""
+    data = write_rows(tmp_path / "m.jsonl", MNLI_ROWS)
+    out = run(["--task", "mnli", "--train.preset", "tiny", "--train.train_file", data, "--train.eval_files", data,
+               "--train.lr", "0", "--train.batch_size", "4", "--train.pack_len", "256", "--train.max_len", "64",
+               "--train.run_id", "floor"], tmp_path)
+    scores = out["seeds"][0]["m"]
+    print(scores)
+    assert (scores["accuracy"], scores["majority_accuracy"], scores["top_prediction_share"]) == (50.0, 50.0, 100.0)
+    assert scores["majority_class"] == scores["top_prediction"] == "entailment"
+    assert json.load(open(tmp_path / "finetuned" / "floor" / "metrics.json"))["seeds"][0]["m"] == scores
+    assert '"majority_accuracy": 50.0, "top_prediction_share": 100.0' in open(tmp_path / "logs" / "floor.txt").read()
+    floor = evals.majority_floor([1, 0, 1, 1, 1], [1, 1, 0, 1, 0], ("f1", "accuracy", "matthews"))
+    # always 1 on gold 1,1,0,1,0: tp 3, fp 2, fn 0 -> F1 6/8; accuracy 3/5; Matthews 0 (a constant predictor)
+    assert floor == {"majority_f1": 75.0, "majority_accuracy": 60.0, "majority_matthews": 0.0, "majority_label": 1,
+                     "top_prediction_share": 80.0, "top_prediction_label": 1}
+
+
+def test_the_log_shows_progress_with_eta_and_time_of_day_and_each_group_s_lr(tmp_path, tok):
+    """Issue 19 items 15 and 16: progress lines (done/total, elapsed, ETA, time of day) during
+    training, evaluation and BLiMP at --train.progress_every_s; the step line starts with the
+    time of day and gives each parameter group's learning rate, as trainer.py's does, where it
+    gave the schedule's multiplier as lr:."""
+    data = write_rows(tmp_path / "m.jsonl", MNLI_ROWS)
+    base = ["--task", "mnli", "--train.preset", "tiny", "--train.train_file", data, "--train.eval_files", data,
+            "--train.batch_size", "2", "--train.eval_batch_size", "2", "--train.pack_len", "256", "--train.max_len", "64",
+            "--train.lr", "1e-3", "--train.head_lr", "2e-3", "--train.warmup_frac", "0.5", "--train.log_every", "3",
+            "--train.progress_every_s", "1e-9"]
+    run(base + ["--train.run_id", "progress"], tmp_path)
+    log = open(tmp_path / "logs" / "progress.txt").read()
+    print("\n".join(line for line in log.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)))
+    # 4 steps, warm-up 2: multipliers 0.5, 1, 1, 0.5; loss lines at steps 3 and 4, progress lines at 1 and 2
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 step:3/4 loss:\S+ lr_encoder:0.001 lr_head:0.002 examples/s:", log, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 step:4/4 loss:\S+ lr_encoder:0.0005 lr_head:0.001 examples/s:", log, re.M)
+    assert len(re.findall(r"^\d\d:\d\d:\d\d seed:0 training [12]/4 steps elapsed:\d:\d\d:\d\d eta:\d:\d\d:\d\d$", log, re.M)) == 2
+    assert len(re.findall(r"^\d\d:\d\d:\d\d evaluation of m [246]/8 examples elapsed:\S+ eta:\S+$", log, re.M)) == 3
+    assert re.search(r"^\d\d:\d\d:\d\d seed:0 m: \{", log, re.M)
+    run(base + ["--train.optimizer", "muon", "--train.run_id", "muon"], tmp_path)
+    assert re.search(r"step:4/4 loss:\S+ lr_muon:0.001 lr_embed:0.0005 lr_scalar:0.0005 lr_head:0.001 ",
+                     open(tmp_path / "logs" / "muon.txt").read())
+    rows = [{"UID": f"p{i % 2}", "field": "syntax", "linguistics_term": "t", "pairID": str(i),
+             "sentence_good": f"The cat number {i} sleeps.", "sentence_bad": f"The cat number {i} sleep."} for i in range(4)]
+    blimp = write_rows(tmp_path / "b.jsonl", rows)
+    run(["--task", "blimp", "--train.preset", "tiny", "--train.eval_files", blimp, "--train.eval_batch_size", "4",
+         "--train.progress_every_s", "1e-9", "--train.run_id", "bl"], tmp_path)
+    lines = re.findall(r"^\d\d:\d\d:\d\d blimp \d+/\d+ masked copies elapsed:\S+ eta:\S+$", open(tmp_path / "logs" / "bl.txt").read(), re.M)
+    print(lines)
+    assert len(lines) >= 5
