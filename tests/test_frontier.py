@@ -190,3 +190,42 @@ def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_pat
     monkeypatch.setattr(F, "VAL_SEED", 7)
     v2 = F.validation_set(files[1], P, torch.device("cpu"))
     assert v1[2] != v2[2]
+
+
+def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, tmp_path, tok):
+    """BLiMP and finetuning stages at smoke size for KBERT and ModernBERT: the same finetuner.py
+    command for a KBERT export and a transformers folder, per-seed metrics stored, GLUE-small
+    and BLiMP in the report."""
+    rng = np.random.default_rng(1)
+    glue = tmp_path / "glue_data"
+    words = "the a cat dog runs sleeps big small red blue".split()
+
+    def sentence():
+        return " ".join(rng.choice(words, int(rng.integers(3, 9))))
+
+    for task in ("rte", "stsb"):
+        (glue / "glue" / task).mkdir(parents=True)
+        for split, n in (("train", 24), ("validation", 12)):
+            rows = [{"sentence1": sentence(), "sentence2": sentence(), "idx": i,
+                     "label": int(i % 2) if task == "rte" else float(i % 5)} for i in range(n)]
+            (glue / "glue" / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(tmp_path / "blimp.jsonl", "w") as f:
+        for i, (good, bad) in enumerate([("The cat sleeps.", "The cat sleep."), ("Dogs bark.", "Dogs barks."),
+                                         ("She has left.", "She have left."), ("They were here.", "They was here.")]):
+            f.write(json.dumps({"UID": f"p{i % 2}", "field": "syntax", "linguistics_term": "agreement", "pairID": str(i),
+                                "sentence_good": good, "sentence_bad": bad}) + "\n")
+    args = smoke + ["--frontier.arms", "kbert,modernbert", "--frontier.glue_dir", str(glue),
+                    "--frontier.blimp_file", str(tmp_path / "blimp.jsonl"),
+                    "--frontier.stages", "corpus,pretrain,blimp,finetune,report"]
+    report = F.main(args)
+    P = F.PRESETS["smoke"]
+    seeds = P.finetune.seeds.split(",")
+    for e in report["entries"]:
+        assert e["tasks"].keys() == set(P.finetune.tasks), e["arm"]
+        assert all(set(per) == set(seeds) for per in e["tasks"].values())
+        assert e["glue_small"]["min"] <= e["glue_small"]["median"] <= e["glue_small"]["max"]
+        assert 0 <= e["blimp"] <= 1
+    runs = sorted(p.name for p in (tmp_path / "record" / "runs").glob("ft__*.json"))
+    assert len(runs) == len(report["entries"]) * len(P.finetune.tasks)
+    logs = list((tmp_path / "record" / "logs" / "finetune").glob("*.txt"))
+    assert len(logs) == len(runs) and all("validation" in p.read_text() for p in logs)
