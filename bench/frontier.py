@@ -85,6 +85,9 @@ class FrontierConfig:
     # while this file exists (default: PAUSE in the record folder) pretraining waits between steps, off the clock,
     # and no new run starts: a benchmark can have the machine without skewing the runs' wall times
     pause_file: str = ""
+    # keep polling until every planned run (of any stage) is done, e.g. a second process that only finetunes
+    # (--frontier.stages blimp,finetune) beside one that pretrains; false: stop when nothing is ready
+    wait: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,25 +616,31 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
 # Stored results: keyed by config, data and code; claimed by lock files
 
 
-# the files a run's result depends on, by kind: the key holds their digest (the commit is recorded beside it)
-CODE_FILES = {"pretrain": ("model.py", "optimizer.py", "trainer.py", "common.py", "data/shards.py", "bench/baselines.py",
-                           "bench/frontier.py"),
+# what a run's result depends on, by kind: these files, and the functions of this one that run it (so an edit of
+# the report or the scheduling does not count as a new code); the key holds their digest, the commit is recorded
+CODE_FILES = {"pretrain": ("model.py", "optimizer.py", "trainer.py", "common.py", "data/shards.py", "bench/baselines.py"),
               "eval": ("model.py", "finetuner.py", "evals.py", "tokenizer.py", "hf_kbert.py", "common.py", "trainer.py",
                        "optimizer.py")}
+CODE_FUNCTIONS = {"pretrain": ("Stream", "validation_set", "kbert_setup", "baseline_setup", "pretrain"),
+                  "eval": ("run_finetuner", "blimp", "finetune")}
 
 
 def code_digest(kind: str) -> str:
+    import inspect
+
     h = hashlib.sha256()
-    for name in CODE_FILES["pretrain" if kind == "pretrain" else "eval"]:
+    for name in CODE_FILES[kind]:
         path = os.path.join(ROOT, name)
         if os.path.isfile(path):
             h.update(name.encode() + open(path, "rb").read())
+    for name in CODE_FUNCTIONS[kind]:
+        h.update(inspect.getsource(globals()[name]).encode())
     return h.hexdigest()[:16]
 
 
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    files = sorted({f for names in CODE_FILES.values() for f in names})
+    files = sorted({f for names in CODE_FILES.values() for f in names} | {"bench/frontier.py"})
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True, cwd=ROOT).stdout
     return out + ("+uncommitted" if dirty.strip() else "")
 
@@ -950,8 +959,9 @@ def main(argv=None) -> dict:
         pending = [j for j in jobs if store.status(j) != "done" and j["name"] not in failed]
         ready = [j for j in pending if all(store.result(a) is not None for a in j["after"]) and not store.locked(j["name"])]
         if not ready:
-            if any(store.locked(n) for j in pending for n in [j["name"], *j["after"]]):
-                print(f"waiting for runs that other processes hold ({len(pending)} to go)", flush=True)
+            unfinished = cfg.wait and any(store.status(j) != "done" for j in plan(cfg, P, arms, store))
+            if unfinished or any(store.locked(n) for j in pending for n in [j["name"], *j["after"]]):
+                print(f"waiting for runs that other processes hold or will make ({len(pending)} to go)", flush=True)
                 time.sleep(30)
                 continue
             break
