@@ -8,6 +8,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -48,9 +49,24 @@ def opt(default, allowed: str = "", **kwargs):
     return dataclasses.field(default=default, metadata={"allowed": allowed}, **kwargs)
 
 
+def _distinct_integers(v: str) -> bool:
+    try:
+        xs = [int(x) for x in v.split(",")]
+    except ValueError:
+        return False
+    return len(set(xs)) == len(xs)
+
+
+def _distinct_file_names(v: str) -> bool:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in v.split(",")]
+    return all(stems) and len(set(stems)) == len(stems)
+
+
 NAMED = {"empty": lambda v: v == "", "non-empty": lambda v: bool(str(v).strip()),
          "a file name": lambda v: re.fullmatch(r"\w[\w.-]*", v) is not None,
-         "USER/NAME": lambda v: re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None}
+         "USER/NAME": lambda v: re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None,
+         "distinct integers": _distinct_integers,  # comma-separated
+         "files with distinct names": _distinct_file_names}  # comma-separated paths whose stems differ
 
 
 def _split(spec: str, seps: str) -> list[str]:
@@ -76,7 +92,7 @@ def _passes(value, alt: str) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if m := re.fullmatch(r"(>=|>|<=|<) (\S+)", alt):
         limit = float(m[2])
-        return number and {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[m[1]]
+        return number and math.isfinite(value) and {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[m[1]]
     if m := re.fullmatch(r"in ([\[(].*[\])])", alt):
         return number and _in_interval(value, m[1])
     if m := re.fullmatch(r"a multiple of (\d+)", alt):
@@ -87,6 +103,8 @@ def _passes(value, alt: str) -> bool:
         except ValueError:
             return False
         return len(xs) == int(m[1]) and all(_in_interval(x, m[2]) for x in xs)
+    if alt == "finite":
+        return number and math.isfinite(value)
     if alt in NAMED:
         return isinstance(value, str) and NAMED[alt](value)
     if number:

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import common
+from common import opt
 import evals
 import trainer
 from model import CLS_ID, KBERT, PAD_ID, PRESETS, SEP_ID, ClassificationHead, ModelConfig, SpanHead
@@ -82,56 +83,56 @@ LABEL_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["ent
 
 @dataclass
 class FinetuneConfig:
-    base_model: str = "none"  # folder or Hub id: a KBERT export or any transformers model; "none": random KBERT (tests)
-    preset: str = "base"  # model preset when base_model is none
-    data_dir: str = "data"  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl;
+    base_model: str = opt("none", "non-empty")  # folder or Hub id: a KBERT export or any transformers model; "none": random KBERT (tests)
+    preset: str = opt("base", " or ".join(PRESETS))  # model preset when base_model is none
+    data_dir: str = opt("data", "non-empty")  # GLUE: data/glue/<task>/<split>.jsonl; SQuAD: data/squad/<task>/<split>.jsonl;
     # BLiMP: data/blimp/blimp.jsonl
     train_file: str = ""  # override the training file
-    eval_files: str = ""  # override the evaluation files (comma-separated, named by their stem)
-    max_train_examples: int = 0  # use the first N training examples (0: all)
-    max_eval_examples: int = 0  # evaluate the first N examples of each eval file (0: all)
-    optimizer: str = "adamw"  # "adamw" (the usual recipe) or "muon" (Muon on hidden matrices, AdamW elsewhere)
-    lr: float = 5e-5  # ModernBERT's MNLI choice (sweep 1e-5..8e-5)
-    head_lr: float = 0.0  # 0: same as lr
-    muon_lr: float = 0.002  # hidden matrices when optimizer=muon
-    weight_decay: float = 5e-6  # ModernBERT's MNLI choice, with its semantics (composer's DecoupledAdamW): each step
+    eval_files: str = opt("", "empty or files with distinct names")  # override the evaluation files (comma-separated, named by their stem)
+    max_train_examples: int = opt(0, ">= 0")  # use the first N training examples (0: all)
+    max_eval_examples: int = opt(0, ">= 0")  # evaluate the first N examples of each eval file (0: all)
+    optimizer: str = opt("adamw", "adamw or muon")  # "adamw" (the usual recipe) or "muon" (Muon on hidden matrices, AdamW elsewhere)
+    lr: float = opt(5e-5, ">= 0")  # ModernBERT's MNLI choice (sweep 1e-5..8e-5)
+    head_lr: float = opt(0.0, ">= 0")  # 0: same as lr
+    muon_lr: float = opt(0.002, ">= 0")  # hidden matrices when optimizer=muon
+    weight_decay: float = opt(5e-6, "in [0, 1)")  # ModernBERT's MNLI choice, with its semantics (composer's DecoupledAdamW): each step
     # shrinks a weight by weight_decay x the schedule multiplier (lr_t / lr), whatever the lr. adamw decays every
     # parameter; muon only the hidden matrices (embeddings, gains and head not at all, as in pretraining)
-    betas: str = "0.9,0.98"  # ModernBERT's finetuning betas
-    warmup_frac: float = 0.1  # linear warm-up, then linear decay to 0
+    betas: str = opt("0.9,0.98", "2 numbers in [0, 1)")  # ModernBERT's finetuning betas
+    warmup_frac: float = opt(0.1, "in [0, 1]")  # linear warm-up, then linear decay to 0
     # passes over the training examples (ModernBERT's MNLI: 1); 0: no training, evaluate base_model, a model
     # finetuned on this task (finetuned/<run_id>/seed<k>/model)
-    epochs: float = 1.0
-    batch_size: int = 64  # examples (GLUE) or windows (SQuAD) per step, over all ranks (ModernBERT/DeBERTa MNLI: 64)
-    max_len: int = 256  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
-    pack_len: int = 1024  # GLUE row length into which examples are packed (multiple of 128)
-    squad_max_len: int = 384  # window length (question + context)
-    doc_stride: int = 128  # context tokens shared by consecutive windows (HF run_qa's meaning); must be below the
+    epochs: float = opt(1.0, ">= 0")
+    batch_size: int = opt(64, ">= 1")  # examples (GLUE) or windows (SQuAD) per step, over all ranks (ModernBERT/DeBERTa MNLI: 64)
+    max_len: int = opt(256, ">= 5")  # GLUE tokens per example (longest-first truncation); SQuAD uses squad_max_len
+    pack_len: int = opt(1024, "> 0 and a multiple of 128")  # GLUE row length into which examples are packed (multiple of 128)
+    squad_max_len: int = opt(384, "> 0 and a multiple of 128")  # window length (question + context)
+    doc_stride: int = opt(128, ">= 0")  # context tokens shared by consecutive windows (HF run_qa's meaning); must be below the
     # context budget squad_max_len - max_query_len - 3, or the windows could not advance
-    max_query_len: int = 64  # SQuAD question tokens kept (the rest truncated)
-    max_answer_len: int = 30  # tokens
-    n_best: int = 20  # start/end candidates per window
-    null_threshold: float = 0.0  # predict no answer when null score - best span score > this (HF run_qa: 0)
-    dropout: float = 0.1  # classifier and block dropout
-    seeds: str = "0"  # comma-separated: one run per seed, median and spread reported, the median seed pushed
-    eval_batch_size: int = 64  # examples (GLUE), windows (SQuAD) or masked sentence copies (BLiMP) per forward
-    blimp_pairs: int = 0  # BLiMP pairs per paradigm, the first N of each in file order so that every model sees the
+    max_query_len: int = opt(64, ">= 1")  # SQuAD question tokens kept (the rest truncated)
+    max_answer_len: int = opt(30, ">= 1")  # tokens
+    n_best: int = opt(20, ">= 1")  # start/end candidates per window
+    null_threshold: float = opt(0.0, "finite")  # predict no answer when null score - best span score > this (HF run_qa: 0)
+    dropout: float = opt(0.1, "in [0, 1)")  # classifier and block dropout
+    seeds: str = opt("0", "distinct integers")  # comma-separated: one run per seed, median and spread reported, the median seed pushed
+    eval_batch_size: int = opt(64, ">= 1")  # examples (GLUE), windows (SQuAD) or masked sentence copies (BLiMP) per forward
+    blimp_pairs: int = opt(0, ">= 0")  # BLiMP pairs per paradigm, the first N of each in file order so that every model sees the
     # same pairs; 0: all 1,000. With 100, the mean over paradigms has a binomial standard error of at most 0.6 points
-    out_dir: str = "finetuned"  # predictions, metrics and the model: finetuned/<run_id>/
-    hf_repo: str = ""  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
-    run_id: str = ""  # logs/<run_id>.txt and out_dir/<run_id>/; empty: ft-<task>-<date>-<time>-<random>
+    out_dir: str = opt("finetuned", "non-empty")  # predictions, metrics and the model: finetuned/<run_id>/
+    hf_repo: str = opt("", "empty or USER/NAME")  # push the median seed's model (its card lists every seed's metrics) to this Hub repo
+    run_id: str = opt("", "empty or a file name")  # logs/<run_id>.txt and out_dir/<run_id>/; empty: ft-<task>-<date>-<time>-<random>
     overwrite: bool = False  # reuse an existing run id, writing over its log and outputs
     # "auto": continue --train.run_id (or start it): the seeds it finished are not redone, their saved results go
     # into the summary; a seed that was stopped midway starts over (a seed is minutes to an hour of work)
-    resume: str = ""
+    resume: str = opt("", "empty or auto")
     compile: bool = False  # CUDA only. Off by default: on torch 2.11 inductor failed to build the fused BlockMask +
     # FlexAttention kernel at finetuning shapes (Triton "XBLOCK is not defined"); eager FlexAttention is correct.
     # The block lists are now built without a sort (model.block_lists); whether that cures it is untested on a GPU
-    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
-    log_every: int = 20  # steps between loss lines in the log
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")  # auto (cuda if available), cpu, cuda or cuda:N
+    log_every: int = opt(20, ">= 1")  # steps between loss lines in the log
     # seconds between progress lines (done/total, elapsed, ETA, time of day) in training, evaluation and BLiMP, so that
     # a run off a terminal (no progress bar) shows it is alive; 0: none
-    progress_every_s: float = 30.0
+    progress_every_s: float = opt(30.0, ">= 0")
 
 
 GROUPS = {"train": FinetuneConfig}
@@ -154,83 +155,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _parses(parse):
-    """A rule that holds when parse(value) does not exit."""
-    def valid(value) -> bool:
-        try:
-            parse(value)
-        except SystemExit:
-            return False
-        return True
-    return valid
-
-
-def _at_least(low):
-    return lambda v: math.isfinite(v) and v >= low
-
-
-def _stems_distinct(files: str) -> bool:
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in files.split(",")] if files else []
-    return all(stems) and len(set(stems)) == len(stems)
-
-
-# field -> (rule, what a valid value is): one table, so that a config mechanism with a rule next to each field can
-# take it over; the rules that join several options, or need the base model or the data, are in check() and later
-ANY = (lambda v: True, "")
-RULES = {
-    "base_model": (bool, "a folder, a Hub id or none"),
-    "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
-    "data_dir": (bool, "a folder"),
-    "train_file": ANY,
-    "eval_files": (_stems_distinct, "comma-separated files with distinct names (each split is named by its file's stem)"),
-    "max_train_examples": (_at_least(0), ">= 0 (0: all)"),
-    "max_eval_examples": (_at_least(0), ">= 0 (0: all)"),
-    "optimizer": (lambda v: v in ("adamw", "muon"), "adamw or muon"),
-    "lr": (_at_least(0), "a learning rate >= 0"),
-    "head_lr": (_at_least(0), ">= 0 (0: the same as lr)"),
-    "muon_lr": (_at_least(0), "a learning rate >= 0"),
-    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1) (the shrink per step at the schedule's peak)"),
-    "betas": (_parses(lambda v: trainer.parse_betas(v, "--train.betas")), "two numbers in [0, 1) as b1,b2, e.g. 0.9,0.98"),
-    "warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "epochs": (_at_least(0), ">= 0 (0: evaluate a finetuned model)"),
-    "batch_size": (_at_least(1), ">= 1"),
-    "max_len": (_at_least(5), ">= 5 (room for [CLS] a [SEP] b [SEP])"),
-    "pack_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
-    "squad_max_len": (lambda v: v >= 128 and v % 128 == 0, "a multiple of 128 (FlexAttention blocks)"),
-    "doc_stride": (_at_least(0), ">= 0"),
-    "max_query_len": (_at_least(1), ">= 1"),
-    "max_answer_len": (_at_least(1), ">= 1"),
-    "n_best": (_at_least(1), ">= 1"),
-    "null_threshold": (math.isfinite, "a finite number"),
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "seeds": (_parses(parse_seeds), "distinct integers, comma-separated (0,1,2)"),
-    "eval_batch_size": (_at_least(1), ">= 1"),
-    "blimp_pairs": (_at_least(0), ">= 0 (0: all pairs)"),
-    "out_dir": (bool, "a folder"),
-    "hf_repo": (lambda v: not v or re.fullmatch(r"[\w.-]+/[\w.-]+", v), "empty or a Hub repo id USER/NAME"),
-    "run_id": (lambda v: not v or (re.fullmatch(r"[\w.-]+", v) and not v.startswith(".")),
-               "empty or a name of letters, digits, '.', '_' and '-' (it names a log file and a folder)"),
-    "overwrite": ANY,  # booleans are parsed by common.parse_overrides
-    "resume": (lambda v: v in ("", "auto"), "empty or auto: the finetuner resumes with auto (and --train.run_id): "
-                                            "finished seeds are kept, an unfinished one starts over"),
-    "compile": ANY,
-    "device": (_parses(common.check_device), "auto (cuda if available), cpu, cuda or cuda:N, where CUDA is available"),
-    "log_every": (_at_least(1), ">= 1"),
-    "progress_every_s": (_at_least(0), "seconds >= 0 (0: no progress lines)"),
-}
-
-
 def check(cfg: FinetuneConfig, task: str) -> None:
-    """Every option against its rule (RULES), then the rules that join options: the first that
-    fails exits 1 with one line, before the log or any file exists. What needs the base model's
-    config.json (check_base_model) or the data files is checked next, still before the log."""
-    for f in dataclasses.fields(cfg):
-        valid, what = RULES[f.name]
-        value = getattr(cfg, f.name)
-        if not valid(value):
-            if f.name == "device":
-                common.check_device(value)  # its own line: the device's format, or CUDA missing
-            raise SystemExit(f"--train.{f.name} {value!r}: must be {what}")
+    """Every option against the values its field declares (opt), then the rules that join
+    options: the first that fails exits 1 with one line, before the log or any file exists.
+    What needs the base model's config.json (check_base_model) or the data files is checked
+    next, still before the log."""
+    common.check_config(cfg, "train")
+    common.check_device(cfg.device)  # CUDA asked for where there is none
     if cfg.resume == "auto" and (not cfg.run_id or task == "blimp"):
         raise SystemExit("--train.resume auto needs --train.run_id NAME (the run to continue)" if task != "blimp" else
                          "--train.resume does not apply to --task blimp (one pass, nothing to resume): drop it")
