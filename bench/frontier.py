@@ -783,9 +783,9 @@ def summarize(store: Store, jobs_all: list[dict], P: Preset, arms: list[Arm], un
                         P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
                     "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
                     "log": pt["log"], "threads": pt.get("threads")})
-    # per budget: where KBERT's curve reaches the best baseline's final loss
-    for steps in P.budgets:
-        at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == P.seeds[0]]
+    # per budget and pretraining seed: where each curve reaches the best baseline's final loss
+    for steps, seed in {(e["budget_steps"], e["seed"]) for e in entries}:
+        at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == seed]
         base = [e for e in at if e["recipe"] != "kbert" and math.isfinite(e["final_val_loss"])]
         if not base:
             continue
@@ -815,12 +815,13 @@ def table(entries: list[dict]) -> str:
         task_cells = []
         for t in tasks:
             per = e["tasks"].get(t)
-            task_cells.append(fmt(float(np.median([np.mean([v for v in s.values()]) for s in per.values()])) if per else None,
-                                  ".1f"))
+            task_cells.append(fmt(float(np.median([np.mean([s[m] for m in GLUE_HEADLINE[t]]) for s in per.values()]))
+                                  if per else None, ".1f"))
         lines.append("| " + " | ".join([
             e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
             f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
-            f"{fmt(e.get('token_ratio'), '.2f', 'never')} / {fmt(e.get('wall_ratio'), '.2f', 'never')}",
+            (f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}" if "token_ratio" in e
+             else "- (no baseline of this seed)"),
             f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else "-",
             fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *task_cells]) + " |")
     return "\n".join(lines)
@@ -864,17 +865,35 @@ def plot(entries: list[dict], path: str):
         ax.set_xlabel("pretraining FLOPs")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=9)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
+            break
     fig.suptitle("bars: range over seeds (finetuning seeds; at the smallest budget also the second pretraining seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def core_hours(store: Store, jobs: list[dict]) -> dict:
+    """Per arm: the hours its finished runs took, each on one core with one thread (wall time from
+    setup to stored result, compile and validation included), by kind."""
+    hours = {}
+    for j in jobs:
+        r = store.load(j["name"])
+        if r is None or "elapsed_s" not in r["result"]:
+            continue
+        arm = j["arm"] if j["kind"] == "pretrain" else j["pretrained"].split("/")[1]
+        per = hours.setdefault(arm, {"pretrain": 0.0, "blimp": 0.0, "finetune": 0.0})
+        per[j["kind"]] += r["result"]["elapsed_s"] / 3600
+    return hours
+
+
 def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: FrontierConfig, header: dict, unigram: dict):
     entries = summarize(store, jobs, P, arms, unigram)
     done = {j["name"] for j in jobs if store.load(j["name"]) is not None}
-    out = {**header, "unigram": unigram, "runs_done": len(done), "runs_planned": len(jobs),
+    hours = core_hours(store, jobs)
+    out = {**header, "unigram": unigram, "runs_done": len(done), "runs_planned": len(jobs), "core_hours": hours,
            "entries": [{k: v for k, v in e.items() if k != "curve"} | {"curve": e["curve"]} for e in entries]}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
@@ -883,7 +902,10 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
           f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
-          f"finished.\n\n{table(entries)}\n")
+          f"finished.\n\n{table(entries)}\n\nCore-hours of the finished runs (each on one core, one thread; "
+          f"pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
+          f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
+                                              f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(md)
     print(md)
@@ -991,7 +1013,7 @@ def main(argv=None) -> dict:
             store.release(job["name"])
     if failed:
         print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
-    jobs = plan(cfg, P, arms, store)
+    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune"), P, arms, store)  # the whole record
     return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
 
 
