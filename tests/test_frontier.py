@@ -154,7 +154,10 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
     for steps in P.budgets:  # the same rows, [PAD] and all, for every arm without [SEP] at one budget
         same = {r["data_digest"] for r in no_sep if r["curve"][-1]["step"] == steps}
         assert len(same) == 1, steps
-    assert (tmp_path / "record" / "results.md").read_text().count("| kbert |") == len(P.budgets) + 1
+    results_table = (tmp_path / "record" / "results.md").read_text().split("Core-hours")[0]
+    assert results_table.count("| kbert |") == len(P.budgets) + 1
+    # each pretraining seed's runs are measured against the best baseline of that seed (the second seed too)
+    assert all(e["best_baseline"]["arm"] == best for e in entries if e["seed"] == 1)
     # budget by budget: every run of the smallest budget finished before any of the next
     finished = sorted((r["finished"], r["result"]["curve"][-1]["step"]) for r in runs.values())
     assert [s for _, s in finished] == sorted(s for _, s in finished)
@@ -229,3 +232,8 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     assert len(runs) == len(report["entries"]) * len(P.finetune.tasks)
     logs = list((tmp_path / "record" / "logs" / "finetune").glob("*.txt"))
     assert len(logs) == len(runs) and all("validation" in p.read_text() for p in logs)
+    # a report alone counts every run of the record, evaluations included, and the core-hours of each kind
+    alone = F.main([x if x != "corpus,pretrain,blimp,finetune,report" else "report" for x in args])
+    assert alone["runs_done"] == alone["runs_planned"] == report["runs_planned"] > len(runs)
+    assert set(alone["core_hours"]) == {"kbert", "modernbert"}
+    assert all(min(h.values()) > 0 for h in alone["core_hours"].values()), alone["core_hours"]
