@@ -123,8 +123,8 @@ class Preset:
 
 PRESETS = {
     # 2 CPU cores (each run on one core, one thread): width 128, 4 layers, 4,096 tokens a step; budgets of 4M, 8M
-    # and 16M tokens. At 2M tokens (500 steps) ModernBERT's best of three lrs ended at 6.34 against the unigram
-    # cross-entropy 6.62, not 0.5 below it (records/2026-12-05-cpu-frontier/README.md): too small to count
+    # and 16M tokens. At 2M tokens (500 steps) ModernBERT ended at 6.34 (lr 1e-3, the better of the two that
+    # finished) against the unigram cross-entropy 6.67, not 0.5 below it (records/2026-12-05-cpu-frontier/README.md)
     "cpu": Preset(d_model=128, n_layer=4, seq_len=512, batch_seqs=8, micro_seqs=8, budgets=(1000, 2000, 4000), evals=10,
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
                   finetune=Finetune(lr=2e-4, epochs=2.0, batch_size=32, sst2_examples=8000, max_len=128, pack_len=128),
