@@ -97,7 +97,10 @@ def finetuned(pretrained, tmp_path_factory):
 
 
 def max_diff(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    """Largest absolute difference; equal entries count 0 (both -inf: the logits of ids that are
+    never targets), and a nan anywhere counts inf (max(0.0, nan) would have hidden it)."""
+    d = (a.double() - b.double()).abs().masked_fill(a == b, 0.0)
+    return float("inf") if d.isnan().any() else d.max().item()
 
 
 # -- the folder ----------------------------------------------------------------------------
