@@ -1002,7 +1002,7 @@ def main(argv=None) -> dict:
                     result = blimp(job, P, cfg, model_dir, os.path.join(log_dir, "blimp"))
                 else:
                     result = finetune(job, P, cfg, model_dir, os.path.join(log_dir, "finetune"))
-            result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            result["elapsed_s"] = round(time.perf_counter() - t0, 3)
             store.save(job, result)
         except (RuntimeError, ValueError, OSError) as e:  # one failed run must not stop an unattended record
             failed.add(job["name"])
