@@ -27,6 +27,8 @@ Arms (one width and depth per preset; each recipe keeps its own MLP ratio and he
   kbert-sep   the same, every document ending in [SEP] (BERT and ModernBERT's documents do)
   modernbert  transformers' ModernBertForMaskedLM with its published settings (bench/baselines.py)
   bert        transformers' BertForMaskedLM with its published settings, gradient clipping at 1.0
+Ablations of KBERT, on demand (--frontier.arms): kbert-mask30 (ModernBERT's 30% masking throughout),
+kbert-nounet (no U-net skips).
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -472,7 +474,14 @@ def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device
             "threads": torch.get_num_threads(), **{k: v for k, v in extra.items() if k != "config"}}
 
 
-ARM_BY_NAME = {a.name: a for a in ARMS}
+# one-change ablations of KBERT's recipe, run on demand (--frontier.arms kbert-mask30,kbert-nounet) and judged, like
+# the arms, on the downstream metrics: what in the recipe costs KBERT where a baseline leads
+ABLATIONS = [
+    Arm("kbert-mask30", "kbert", "trainer.py's defaults with ModernBERT's masking: 30% throughout, 10% random, 10% kept",
+        train=(("mask_rate_end", 0.3), ("random_frac_end", 0.1), ("keep_frac_end", 0.1))),
+    Arm("kbert-nounet", "kbert", "trainer.py's defaults without the U-net skips", model=(("unet_skips", False),)),
+]
+ARM_BY_NAME = {a.name: a for a in ARMS + ABLATIONS}
 
 
 def wait_while_paused(cfg: FrontierConfig):
