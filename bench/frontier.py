@@ -602,7 +602,9 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                 if lr is None:
                     continue  # the rest of this arm waits for its sweep
             seeds = [P.seeds[0]]
-            if b == 0 and (arm.name == "kbert" or arm == best_baseline(store, arms, P)):
+            # the record's best baseline among all its recipes, whichever arms this process plans (once, a process
+            # given only bert among the baselines started a second BERT seed)
+            if b == 0 and (arm.name == "kbert" or arm == best_baseline(store, ARMS, P)):
                 seeds += list(P.seeds[1:])
             for seed in seeds:
                 name = job_name(arm.name, steps, seed, lr)

@@ -167,6 +167,10 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
     capsys.readouterr()
     F.main(smoke)
     assert "== pt/" not in capsys.readouterr().out
+    # a process given a subset of the arms keeps the record's best baseline: no second seed for the other one
+    other = next(a.name for a in F.ARMS if a.recipe not in ("kbert", F.ARM_BY_NAME[best].recipe))
+    F.main(smoke + ["--frontier.arms", f"kbert,{other}"])
+    assert "== pt/" not in capsys.readouterr().out
     # a changed config is refused, or kept / redone when asked; the finetuning protocol keys only the evaluations
     changed = smoke + ["--frontier.glue_dir", str(tmp_path)]
     F.main(changed)
