@@ -733,6 +733,8 @@ class Store:
             json.dump({"key": self.job_key(job), "commit": git_commit(), "finished": datetime.datetime.now().isoformat(
                 timespec="seconds"), "result": result}, f, indent=1, default=str)
         os.replace(tmp, self.path(job["name"]))
+        if os.path.exists(self.path(job["name"], ".failed")):  # an earlier try's failure, now superseded
+            os.remove(self.path(job["name"], ".failed"))
 
 
 # ----------------------------------------------------------------------------------------
