@@ -589,22 +589,24 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     ..., "after": the runs it needs}."""
     jobs = []
     stages = set(cfg.stages.split(","))
+    # the sweeps and the record's best baseline (among all its recipes, whichever arms this process plans: once, a
+    # process given only bert among the baselines started a second BERT seed), read once from the store
+    sweeps = {arm.name: best_lr(store, arm, P, P.seeds[0]) for arm in arms if arm.recipe != "kbert"}
+    best_base = best_baseline(store, ARMS, P)
     for b, steps in enumerate(P.budgets):
         reported = []  # pretraining runs of this budget whose models are evaluated
         for arm in arms:
             if arm.recipe == "kbert":
                 lr = None
             else:
-                lr, lrs = best_lr(store, arm, P, P.seeds[0])
+                lr, lrs = sweeps[arm.name]
                 if b == 0:
                     jobs += [{"name": job_name(arm.name, steps, P.seeds[0], x), "kind": "pretrain", "arm": arm.name,
                               "steps": steps, "seed": P.seeds[0], "lr": x, "after": []} for x in lrs]
                 if lr is None:
                     continue  # the rest of this arm waits for its sweep
             seeds = [P.seeds[0]]
-            # the record's best baseline among all its recipes, whichever arms this process plans (once, a process
-            # given only bert among the baselines started a second BERT seed)
-            if b == 0 and (arm.name == "kbert" or arm == best_baseline(store, ARMS, P)):
+            if b == 0 and (arm.name == "kbert" or arm == best_base):
                 seeds += list(P.seeds[1:])
             for seed in seeds:
                 name = job_name(arm.name, steps, seed, lr)
@@ -765,21 +767,20 @@ def crossing(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
-def summarize(store: Store, jobs_all: list[dict], P: Preset, arms: list[Arm], unigram: dict) -> list[dict]:
+def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[dict]:
     entries = []
     for arm in arms:
+        lr, sweep = None, []
+        if arm.recipe != "kbert":
+            lr, lrs = best_lr(store, arm, P, P.seeds[0])
+            if lr is None:
+                continue  # its sweep is unfinished: nothing of this arm is reported yet
+            sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
+                                                  {}).get("final_val_loss")} for x in lrs]
         for steps in P.budgets:
             for seed in P.seeds:
                 if seed != P.seeds[0] and steps != P.budgets[0]:
                     continue
-                if arm.recipe == "kbert":
-                    lr, sweep = None, []
-                else:
-                    lr, lrs = best_lr(store, arm, P, P.seeds[0])
-                    if lr is None:
-                        continue
-                    sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
-                                                          {}).get("final_val_loss")} for x in lrs]
                 name = job_name(arm.name, steps, seed, lr)
                 pt = store.result(name)
                 if pt is None:
@@ -903,7 +904,7 @@ def core_hours(store: Store, jobs: list[dict]) -> dict:
 
 
 def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: FrontierConfig, header: dict, unigram: dict):
-    entries = summarize(store, jobs, P, arms, unigram)
+    entries = summarize(store, P, arms, unigram)
     done = {j["name"] for j in jobs if store.load(j["name"]) is not None}
     hours = core_hours(store, jobs)
     out = {**header, "unigram": unigram, "runs_done": len(done), "runs_planned": len(jobs), "core_hours": hours,
