@@ -63,8 +63,9 @@ finetune)
     echo "compile $compile (exit $?):"; grep -E "examples/s|accuracy|Error" "$OUT/finetune-compile-$compile.txt" | tail -4 | cut -c1-250
   done ;;
 frontier)
-  # bench/frontier.py's gpu preset: every arm, 3 budgets, BLiMP and GLUE-small finetuning (estimated under 10 minutes
-  # on one H100: records/2026-12-05-cpu-frontier/README.md); its data prepared by the pack stage into $DATA/frontier
+  # bench/frontier.py's gpu preset: every arm, 3 budgets, BLiMP and GLUE-small finetuning (sized for 10 minutes on one
+  # H100, an estimate of 7-11 until measured: records/2026-12-05-cpu-frontier/README.md; a second call continues it);
+  # its data prepared by the pack stage into $DATA/frontier
   echo "== the frontier, GPU preset"
   timeout 590 python3 -m bench.frontier --frontier.preset gpu --frontier.corpus "$DATA/frontier/frontier" \
     --frontier.glue_dir "$DATA/frontier" --frontier.blimp_file "$DATA/frontier/blimp.jsonl" --frontier.out "$OUT/frontier" \
