@@ -338,29 +338,6 @@ def native_bf16_cpu() -> bool:
         return False
 
 
-_LIBC = []  # glibc, once loaded (None where there is none)
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). On
-    CPU a training step frees blocks of 6-26 MB (the head's chunk buffers and its (V, D)
-    gradients) between small allocations that live on, and glibc serves the next step's blocks
-    from fresh pages rather than those holes: KBERT's frontier run grew by ~8 MB a step, to
-    7.4 GB at step 1,100 (records/2026-12-05-cpu-frontier/README.md). A call every 50 steps keeps
-    the process near its working set."""
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0].malloc_trim(0)
-
-
 def hardware_summary(device: torch.device) -> str:
     lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, platform {platform.platform()}",
              f"cpu: {cpu_name()} x{os.cpu_count()}, {torch.get_num_threads()} torch threads, "

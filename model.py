@@ -244,28 +244,34 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, target, cap: float, dtype: torch.dtype):
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        hd, wd = h.to(dtype), w.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)
-        N, V, c = h.size(0), w.size(0), max(1, min(SoftcapCrossEntropy.CHUNK, h.size(0)))
+        N, V, c = h.size(0), w.size(0), SoftcapCrossEntropy.CHUNK
+        # the rows padded with zeros to whole chunks: every matmul has one of a few shapes, whatever the number of
+        # masked tokens. With a new shape every step, CPU memory grew by ~10 MB a step (freed blocks of sizes never
+        # asked for again; records/2026-12-05-cpu-frontier/heap). Padded rows add nothing to the loss or gradients.
+        M = max(c, -(-N // c) * c)
+        hd = F.pad(h.to(dtype), (0, 0, 0, M - N))
+        target = F.pad(target, (0, M - N))
+        wd = w.to(dtype)
         t, p = (torch.empty(c, V, dtype=acc, device=h.device) for _ in range(2))
         mm_out = t if dtype == acc else torch.empty(c, V, dtype=dtype, device=h.device)
-        g = torch.empty(N, V, dtype=dtype, device=h.device) if grads else None  # d loss / d logits
+        g = torch.empty(M, V, dtype=dtype, device=h.device) if grads else None  # d loss / d logits
         loss = torch.zeros((), dtype=acc, device=h.device)
         correct = torch.zeros((), dtype=torch.int64, device=h.device)
-        for lo in range(0, N, c):
-            n = min(c, N - lo)
-            tc, pc, tgt = t[:n], p[:n], target[lo:lo + n, None]
-            torch.mm(hd[lo:lo + n], wd.t(), out=mm_out[:n])
+        for lo in range(0, M, c):
+            n = min(c, N - lo)  # real rows in this chunk (>= 1 except for N = 0)
+            tc, pc, tgt = t, p, target[lo:lo + c, None]
+            torch.mm(hd[lo:lo + c], wd.t(), out=mm_out)
             if mm_out is not t:
-                tc.copy_(mm_out[:n])
+                tc.copy_(mm_out)
             if cap > 0:
                 tc.mul_(1 / cap).tanh_().mul_(cap)  # z
             top = tc.amax(-1, keepdim=True)
             z_tgt = tc.gather(1, tgt)
             torch.sub(tc, top, out=pc).exp_()  # exp(z - max z)
             sum_exp = pc.sum(-1, keepdim=True)
-            loss += (top - z_tgt + sum_exp.log()).sum()
-            correct += (z_tgt >= top).sum()
+            loss += (top - z_tgt + sum_exp.log())[:n].sum()
+            correct += (z_tgt >= top)[:n].sum()
             if grads:
                 if cap > 0:
                     tc.mul_(1 / cap).square_()  # tanh^2
@@ -274,8 +280,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
                 else:
                     onehot = torch.ones_like(z_tgt)
                 pc.mul_(1 / sum_exp).scatter_add_(1, tgt, -onehot)  # (softmax(z) - onehot) (1 - tanh^2)
-                g[lo:lo + n].copy_(pc)
-        grad_h = (g @ wd).to(h.dtype) if grads else None
+                pc[max(n, 0):].zero_()  # padded rows: no gradient
+                g[lo:lo + c].copy_(pc)
+        grad_h = (g @ wd)[:N].to(h.dtype) if grads else None
         grad_w = (g.t() @ hd).to(w.dtype) if grads else None
         ctx.save_for_backward(grad_h, grad_w)
         return loss, correct

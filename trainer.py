@@ -1050,8 +1050,6 @@ def train(hp: Hyperparameters, d: common.Dist, log, run_id: str, loader: PackedL
         out = train_step(model, opt, forward, batch, first, step, t, d, static_rows=compiled, votes=votes)
         dt = time.perf_counter() - t0
         step += 1
-        if not cuda and step % 50 == 0:
-            common.release_free_memory()  # the heap's holes back to the OS (common.release_free_memory)
         stop, save_now = out["stop"] > 0, out["save"] > 0
         why = bad_step(out, recent, t, d.world)
         report = nonfinite_report(model) if why and why.startswith("loss is") else ""

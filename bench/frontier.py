@@ -458,8 +458,6 @@ def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        if device.type == "cpu" and (i + 1) % 50 == 0:
-            common.release_free_memory()  # as trainer.py does, for every arm alike (outside the clock: housekeeping)
         if i == 0 and P.compile:
             compile_s = dt  # the first step holds the compile: counted apart, for every arm alike
         else:
