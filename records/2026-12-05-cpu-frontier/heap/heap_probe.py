@@ -1,7 +1,8 @@
 """RSS of KBERT's training step on CPU at the frontier's size (width 128, 4 layers, 8 x 512 tokens,
 eager, bf16 autocast, trainer.train_step with its Muon/Adam optimizer), without and with
-common.release_free_memory every 50 steps. Run from the repository root:
+glibc's malloc_trim every 50 steps (commit 35885d3's common.release_free_memory, since reverted). Run from the repository root:
     OMP_NUM_THREADS=1 taskset -c 0 python records/2026-12-05-cpu-frontier/heap/heap_probe.py 0|50 STEPS"""
+import ctypes
 import glob
 import sys
 import time
@@ -36,7 +37,7 @@ for i in range(steps):
     batch, first = loader.next_batch(8)
     trainer.train_step(model, opt, forward, batch, first, i, hp.train, dist)
     if every and (i + 1) % every == 0:
-        common.release_free_memory()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     if (i + 1) % 25 == 0:
         print(f"step {i + 1} rss {rss_mb():.0f} MB, {(time.perf_counter() - t) / 25 * 1000:.0f} ms a step", flush=True)
         t = time.perf_counter()
