@@ -247,7 +247,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         N, V, c = h.size(0), w.size(0), SoftcapCrossEntropy.CHUNK
         # the rows padded with zeros to whole chunks: every matmul has one of a few shapes, whatever the number of
-        # masked tokens. With a new shape every step, CPU memory grew by ~10 MB a step (freed blocks of sizes never
+        # masked tokens. With a new shape every step, CPU memory grew by 8-13 MB a step (freed blocks of sizes never
         # asked for again; records/2026-12-05-cpu-frontier/heap). Padded rows add nothing to the loss or gradients.
         M = max(c, -(-N // c) * c)
         hd = F.pad(h.to(dtype), (0, 0, 0, M - N))
@@ -259,7 +259,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         correct = torch.zeros((), dtype=torch.int64, device=h.device)
         for lo in range(0, M, c):
-            n = min(c, N - lo)  # real rows in this chunk (>= 1 except for N = 0)
+            n = min(c, N - lo)  # real rows in this chunk
             tc, pc, tgt = t, p, target[lo:lo + c, None]
             torch.mm(hd[lo:lo + c], wd.t(), out=mm_out)
             if mm_out is not t:
@@ -280,7 +280,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
                 else:
                     onehot = torch.ones_like(z_tgt)
                 pc.mul_(1 / sum_exp).scatter_add_(1, tgt, -onehot)  # (softmax(z) - onehot) (1 - tanh^2)
-                pc[max(n, 0):].zero_()  # padded rows: no gradient
+                pc[n:].zero_()  # padded rows: no gradient
                 g[lo:lo + c].copy_(pc)
         grad_h = (g @ wd)[:N].to(h.dtype) if grads else None
         grad_w = (g.t() @ hd).to(w.dtype) if grads else None
