@@ -17,7 +17,9 @@ Stages, in order:
             seed at the smallest budget for every recipe
   blimp     each reported model on BLiMP (all 67 paradigms, `blimp_pairs` each, fp32)
   finetune  each reported model through finetuner.py (in this process), one protocol for every
-            arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds
+            arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds;
+            then, after every budget, the same at the preset's other finetuning lrs (`lrs`), so
+            that each task can report its best lr, the same sweep for every arm
   report    results.json, results.md and plots (GLUE-small, BLiMP and validation loss against
             pretraining FLOPs) in the record folder
   pack      (alone) the preset's data in bench/data/frontier, for a machine without ../shared
@@ -98,6 +100,11 @@ class Finetune:
     tasks: tuple = ("cola", "sst2", "mrpc", "stsb", "rte")
     seeds: str = "0,1,2"
     lr: float = 1e-4
+    # more learning rates, the same for every arm (run after every budget's runs at lr): each task then reports the lr
+    # whose median is best, chosen on the dev set it is reported on, as GLUE papers do. Why: Muon leaves KBERT's
+    # weights ~8x the RMS of AdamW's, so one Adam lr moves KBERT's weights ~8x less in relative terms
+    # (records/2026-12-05-cpu-frontier/finetune-lr)
+    lrs: tuple = ()
     epochs: float = 3.0
     batch_size: int = 32
     max_train_examples: int = 0  # 0: all; SST-2's 67k examples are capped by sst2_examples
@@ -129,7 +136,8 @@ PRESETS = {
     # finished) against the unigram cross-entropy 6.67, not 0.5 below it (records/2026-12-05-cpu-frontier/README.md)
     "cpu": Preset(d_model=128, n_layer=4, seq_len=512, batch_seqs=8, micro_seqs=8, budgets=(1000, 2000, 4000), evals=10,
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
-                  finetune=Finetune(lr=2e-4, epochs=2.0, batch_size=32, sst2_examples=8000, max_len=128, pack_len=128),
+                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3), epochs=2.0, batch_size=32, sst2_examples=8000, max_len=128,
+                                    pack_len=128),
                   compile=True),
     # one H100, sized for 10 minutes (an estimate until measured, records/2026-12-05-cpu-frontier/README.md): width
     # 256, 6 layers, 16k tokens a step; finetuning 1 epoch of at most 1,500 examples a task (eager, launch-bound)
@@ -529,7 +537,7 @@ def finetune(job: dict, P: Preset, cfg: FrontierConfig, model_dir: str, log_dir:
     task, run_id = job["task"], job["name"].replace("/", "_")
     examples = F.sst2_examples if task == "sst2" else F.max_train_examples
     args = ["--task", task, "--train.base_model", model_dir, "--train.data_dir", os.path.abspath(cfg.glue_dir),
-            "--train.seeds", F.seeds, "--train.lr", str(F.lr), "--train.epochs", str(F.epochs),
+            "--train.seeds", F.seeds, "--train.lr", str(job.get("lr", F.lr)), "--train.epochs", str(F.epochs),
             "--train.batch_size", str(F.batch_size), "--train.max_train_examples", str(examples),
             "--train.max_len", str(F.max_len), "--train.pack_len", str(F.pack_len), "--train.run_id", run_id,
             "--train.resume", "auto", "--train.out_dir", os.path.join(cfg.work_dir, "finetune")]
@@ -538,7 +546,7 @@ def finetune(job: dict, P: Preset, cfg: FrontierConfig, model_dir: str, log_dir:
     for r in m["seeds"]:
         scores = r["validation"]
         per_seed[str(r["seed"])] = {k: scores[k] for k in GLUE_HEADLINE[task]}
-    return {"task": task, "per_seed": per_seed, "summary": m["summary"],
+    return {"task": task, "lr": job.get("lr", F.lr), "per_seed": per_seed, "summary": m["summary"],
             "log": os.path.relpath(os.path.join(log_dir, f"{run_id}.txt"), cfg.out)}
 
 
@@ -589,7 +597,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     pretraining (the baselines' sweep at the smallest; there, a second seed for KBERT and the
     best baseline), then BLiMP and finetuning of its reported models. A job: {"name", "kind",
     ..., "after": the runs it needs}."""
-    jobs = []
+    jobs, sweep = [], []  # the finetuning lr sweep runs after every budget's runs at the protocol's lr
     stages = set(cfg.stages.split(","))
     # the sweeps and the record's best baseline (among all its recipes, whichever arms this process plans: once, a
     # process given only bert among the baselines started a second BERT seed), read once from the store
@@ -622,9 +630,16 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
             if "blimp" in stages:
                 jobs.append({"name": f"blimp/{pt[3:]}", "kind": "blimp", "pretrained": pt, "after": [pt]})
             if "finetune" in stages:
-                jobs += [{"name": f"ft/{task}/{pt[3:]}", "kind": "finetune", "task": task, "pretrained": pt, "after": [pt]}
+                jobs += [{"name": ft_name(task, pt), "kind": "finetune", "task": task, "pretrained": pt, "after": [pt]}
                          for task in P.finetune.tasks]
-    return jobs
+                sweep += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
+                           "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
+    return jobs + sweep
+
+
+def ft_name(task: str, pt: str, lr: float | None = None) -> str:
+    """A finetuning run's name: at the protocol's lr (None) ft/<task>/<pretraining run>, in the sweep .../flr<lr>."""
+    return f"ft/{task}/{pt[3:]}" + (f"/flr{lr:g}" if lr is not None else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -757,6 +772,24 @@ def glue_small(ft: dict) -> dict | None:
     return {"per_seed": per_seed, "median": float(np.median(vals)), "min": min(vals), "max": max(vals)}
 
 
+def task_median(task: str, per_seed: dict) -> float:
+    """The median over finetuning seeds of a task's headline (MRPC: mean of F1 and accuracy)."""
+    return float(np.median([np.mean([r[m] for m in GLUE_HEADLINE[task]]) for r in per_seed.values()]))
+
+
+def best_finetune_lr(store, P: Preset, task: str, pt: str) -> dict | None:
+    """The finetuning sweep of one task on one pretrained model: {"lr", "per_seed", "medians"} of
+    the lr whose median is best (the first of equals, the protocol's lr first); None until every
+    lr of the sweep has finished."""
+    runs = {lr: store.result(ft_name(task, pt, None if lr == P.finetune.lr else lr))
+            for lr in (P.finetune.lr, *P.finetune.lrs)}
+    if any(r is None for r in runs.values()):
+        return None
+    medians = {lr: task_median(task, r["per_seed"]) for lr, r in runs.items()}
+    best = max(medians, key=lambda lr: medians[lr])  # max keeps the first of equals
+    return {"lr": best, "per_seed": runs[best]["per_seed"], "medians": medians}
+
+
 def crossing(curve: list[dict], target: float, key: str) -> float | None:
     """The first `key` (tokens or wall_s) at which the validation loss reaches `target`,
     linearly interpolated between evaluations; None if it never does."""
@@ -787,8 +820,12 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                 pt = store.result(name)
                 if pt is None:
                     continue
-                ft = {t: r for t in P.finetune.tasks if (r := store.result(f"ft/{t}/{name[3:]}")) is not None}
+                ft = {t: r for t in P.finetune.tasks if (r := store.result(ft_name(t, name))) is not None}
                 bl = store.result(f"blimp/{name[3:]}")
+                # the finetuning lr sweep: each task at its best lr, once every lr of every task has finished
+                best = {t: b for t in P.finetune.tasks if (b := best_finetune_lr(store, P, t, name)) is not None}
+                sweep_cols = {"tasks_best": best, "glue_small_best": glue_small(best) if len(best) == len(
+                    P.finetune.tasks) else None} if P.finetune.lrs else {}
                 entries.append({
                     "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed, "lr": lr,
                     "params": pt["params"], "tokens": pt["tokens"], "flops": pt["flops"], "wall_s": pt["wall_s"],
@@ -798,7 +835,7 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                     "tasks": {t: r["per_seed"] for t, r in ft.items()}, "glue_small": glue_small(ft) if len(ft) == len(
                         P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
                     "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
-                    "log": pt["log"], "threads": pt.get("threads")})
+                    "log": pt["log"], "threads": pt.get("threads"), **sweep_cols})
     # per budget and pretraining seed: where each curve reaches the best baseline's final loss
     for steps, seed in {(e["budget_steps"], e["seed"]) for e in entries}:
         at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == seed]
@@ -823,22 +860,25 @@ def fmt(x, spec, none="-"):
 
 def table(entries: list[dict]) -> str:
     tasks = sorted({t for e in entries for t in e["tasks"]}, key=list(GLUE_HEADLINE).index)
+    swept = any("tasks_best" in e for e in entries)  # the finetuning lr sweep: a column and each task's best next to it
     head = ["arm", "budget (tokens)", "seed", "lr", "FLOPs", "wall s", "final val loss", "x best baseline tokens / wall",
-            "GLUE-small median [min, max]", "BLiMP %"] + [f"{t} (median)" for t in tasks]
+            "GLUE-small median [min, max]"] + (["GLUE-small, best finetuning lr per task"] if swept else []) + [
+            "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"])):
-        g = e["glue_small"]
+        g, gb = e["glue_small"], e.get("glue_small_best")
         task_cells = []
         for t in tasks:
-            per = e["tasks"].get(t)
-            task_cells.append(fmt(float(np.median([np.mean([s[m] for m in GLUE_HEADLINE[t]]) for s in per.values()]))
-                                  if per else None, ".1f"))
+            per, best = e["tasks"].get(t), e.get("tasks_best", {}).get(t)
+            task_cells.append(fmt(task_median(t, per) if per else None, ".1f") +
+                              (f" -> {best['medians'][best['lr']]:.1f} ({best['lr']:g})" if best else ""))
         lines.append("| " + " | ".join([
             e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
             f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
             (f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}" if "token_ratio" in e
              else "- (no baseline of this seed)"),
             f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else "-",
+            *([f"{gb['median']:.1f} [{gb['min']:.1f}, {gb['max']:.1f}]" if gb else "-"] if swept else []),
             fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *task_cells]) + " |")
     return "\n".join(lines)
 
@@ -851,7 +891,9 @@ def plot(entries: list[dict], path: str):
 
     metrics = [("glue_small", "GLUE-small (median of finetuning seeds)"), ("blimp", "BLiMP accuracy %"),
                ("final_val_loss", "validation loss (fixed masks)")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    if any(e.get("glue_small_best") for e in entries):
+        metrics.insert(1, ("glue_small_best", "GLUE-small, best finetuning lr per task"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.7 * len(metrics), 5))
     for ax, (key, label) in zip(axes, metrics):
         for arm in dict.fromkeys(e["arm"] for e in entries):
             pts = sorted([e for e in entries if e["arm"] == arm], key=lambda e: e["flops"])
@@ -860,14 +902,14 @@ def plot(entries: list[dict], path: str):
                 group = [e for e in pts if e["budget_steps"] == steps]
 
                 def val(e):
-                    v = e[key]
-                    if key == "glue_small":
+                    v = e.get(key)
+                    if key.startswith("glue_small"):
                         return v["median"] if v else None
                     return 100 * v if key == "blimp" and v is not None else v
 
                 vals = [val(e) for e in group if val(e) is not None]
-                if key == "glue_small":  # the bars: finetuning seeds' range (and pretraining seeds' where there are two)
-                    vals += [x for e in group if e["glue_small"] for x in (e["glue_small"]["min"], e["glue_small"]["max"])]
+                if key.startswith("glue_small"):  # the bars: finetuning seeds' range (and pretraining seeds' where there are two)
+                    vals += [x for e in group if e.get(key) for x in (e[key]["min"], e[key]["max"])]
                 if not vals:
                     continue
                 main = val(group[0]) if val(group[0]) is not None else float(np.median(vals))
@@ -976,7 +1018,8 @@ def main(argv=None) -> dict:
     # a run's key: what shapes its result (its own steps, seed and lr are in its job; the budgets, sweep and
     # seeds of the preset only decide which runs there are)
     preset = {k: v for k, v in dataclasses.asdict(P).items() if k not in ("budgets", "lrs", "seeds")}
-    evaluation = {"finetune": preset.pop("finetune"), "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir,
+    # the finetuning sweep's extra lrs are in each of their jobs, not in the key (the runs at lr keep theirs)
+    evaluation = {"finetune": {k: v for k, v in preset.pop("finetune").items() if k != "lrs"}, "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir,
                   "blimp_file": cfg.blimp_file}
     key = {"config": {"pretrain": preset, "eval": evaluation},
            "data": digest(train_files + val_files), "code": {"pretrain": code_digest("pretrain"), "eval": code_digest("eval")}}

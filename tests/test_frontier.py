@@ -46,6 +46,77 @@ def test_the_sweep_grows_until_its_best_learning_rate_is_bracketed():
     assert F.best_lr(Missing(), arm, P, 0) == (None, [3e-4, 1e-3, 3e-3])
 
 
+def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
+    """The cpu preset's finetuning lrs: the sweep's jobs come after every job at the protocol's
+    lr (whole budgets first), one per reported model, task and extra lr, each carrying its lr;
+    best_finetune_lr takes the lr with the best median (the protocol's lr among equals) and
+    waits for every lr; the table shows both GLUE-small columns."""
+    P = F.PRESETS["cpu"]
+    assert P.finetune.lrs and P.finetune.lr not in P.finetune.lrs
+    arms = [F.ARM_BY_NAME[a] for a in ("kbert", "modernbert", "bert")]
+
+    class Pretrained:  # every pretraining run finished, ModernBERT's sweep best at 1e-3, no evaluation yet
+        def result(self, name):
+            if name.startswith("pt/"):
+                return {"final_val_loss": 4.0 if name.endswith("lr0.001") else 5.0}
+            return None
+
+    cfg = F.FrontierConfig(stages="pretrain,blimp,finetune")
+    jobs = F.plan(cfg, P, arms, Pretrained())
+    swept = [j for j in jobs if "lr" in j and j["kind"] == "finetune"]
+    first = jobs.index(swept[0])
+    assert all("lr" in j for j in jobs[first:]) and not any(j["kind"] == "finetune" and "lr" in j for j in jobs[:first])
+    reported = {j["pretrained"] for j in jobs if j["kind"] == "finetune"}
+    assert len(swept) == len(reported) * len(P.finetune.tasks) * len(P.finetune.lrs)
+    assert {j["lr"] for j in swept} == set(P.finetune.lrs) and len({j["name"] for j in jobs}) == len(jobs)
+    assert F.ft_name("sst2", "pt/kbert/s1000/seed0") == "ft/sst2/kbert/s1000/seed0"
+    assert F.ft_name("sst2", "pt/kbert/s1000/seed0", 2e-3) == "ft/sst2/kbert/s1000/seed0/flr0.002"
+
+    scores = {P.finetune.lr: [65.0, 64.0, 66.0], 6e-4: [70.0, 72.0, 71.0], 2e-3: [71.0, 69.0, 70.0]}
+
+    class Finetuned:
+        def __init__(self, missing=()):
+            self.missing = missing
+
+        def result(self, name):
+            lr = float(name.split("/flr")[1]) if "/flr" in name else P.finetune.lr
+            if lr in self.missing:
+                return None
+            return {"per_seed": {str(i): {"accuracy": a} for i, a in enumerate(scores[lr])}}
+
+    best = F.best_finetune_lr(Finetuned(), P, "sst2", "pt/kbert/s1000/seed0")
+    assert best["lr"] == 6e-4 and best["medians"] == {P.finetune.lr: 65.0, 6e-4: 71.0, 2e-3: 70.0}
+    assert best["per_seed"]["1"] == {"accuracy": 72.0}
+    assert F.best_finetune_lr(Finetuned(missing=(2e-3,)), P, "sst2", "pt/kbert/s1000/seed0") is None
+    scores[6e-4] = scores[2e-3] = scores[P.finetune.lr]
+    assert F.best_finetune_lr(Finetuned(), P, "sst2", "pt/kbert/s1000/seed0")["lr"] == P.finetune.lr
+
+    # summarize: each task at its best lr once its sweep is in; GLUE-small at the protocol's lr kept beside it
+    class Record(Pretrained):
+        def result(self, name):
+            if name.startswith("pt/"):
+                return {"params": 1, "tokens": 4096000, "flops": 1.0, "wall_s": 1.0, "cpu_s": 1.0, "final_val_loss": 4.0,
+                        "curve": [], "data_digest": "d", "val_digest": "v", "log": "l"}
+            if name.startswith("ft/"):
+                task, lr = name.split("/")[1], float(name.split("/flr")[1]) if "/flr" in name else P.finetune.lr
+                value = 10.0 if lr == P.finetune.lr else 20.0 if lr == 2e-3 else 15.0
+                return {"per_seed": {s: {m: value + int(s) for m in F.GLUE_HEADLINE[task]} for s in "012"}}
+            return None
+
+    e = F.summarize(Record(), P, arms[:1], {"unigram_loss": 6.0})[0]
+    assert e["glue_small"] == {"per_seed": {"0": 10.0, "1": 11.0, "2": 12.0}, "median": 11.0, "min": 10.0, "max": 12.0}
+    assert e["glue_small_best"]["median"] == 21.0 and {b["lr"] for b in e["tasks_best"].values()} == {2e-3}
+
+    entry = {"arm": "kbert", "budget_steps": 1000, "seed": 0, "lr": None, "tokens": 4096000, "flops": 5.9e13,
+             "wall_s": 475.0, "final_val_loss": 4.4, "past_unigram": True,
+             "tasks": {"sst2": {"0": {"accuracy": 64.0}, "1": {"accuracy": 66.0}}},
+             "glue_small": {"median": 40.0, "min": 39.0, "max": 41.0}, "blimp": 0.54,
+             "tasks_best": {"sst2": {"lr": 2e-3, "per_seed": {}, "medians": {2e-4: 65.0, 2e-3: 77.8}}},
+             "glue_small_best": {"median": 45.0, "min": 44.5, "max": 46.0}}
+    row = F.table([entry]).splitlines()[2]
+    assert "| 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 77.8 (0.002) |" in row, row
+
+
 def test_document_masks_keep_documents_apart_and_restart_positions():
     ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, 8, 9, PAD_ID]])
     mask, pos = B.document_masks(ids)
