@@ -101,8 +101,8 @@ class Finetune:
     seeds: str = "0,1,2"
     lr: float = 1e-4
     # more learning rates, the same for every arm (run after every budget's runs at lr): each task then reports the lr
-    # whose median is best, chosen on the dev set it is reported on, as GLUE papers do. Why: Muon leaves KBERT's
-    # weights ~8x the RMS of AdamW's, so one Adam lr moves KBERT's weights ~8x less in relative terms
+    # whose median is best, chosen on the dev set it is reported on (as BERT's paper chose its lr). Why: Muon leaves
+    # KBERT's hidden matrices ~8x the RMS of ModernBERT's, so one Adam lr moves them ~8x less relative to their size
     # (records/2026-12-05-cpu-frontier/finetune-lr)
     lrs: tuple = ()
     epochs: float = 3.0
@@ -1019,8 +1019,8 @@ def main(argv=None) -> dict:
     # seeds of the preset only decide which runs there are)
     preset = {k: v for k, v in dataclasses.asdict(P).items() if k not in ("budgets", "lrs", "seeds")}
     # the finetuning sweep's extra lrs are in each of their jobs, not in the key (the runs at lr keep theirs)
-    evaluation = {"finetune": {k: v for k, v in preset.pop("finetune").items() if k != "lrs"}, "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir,
-                  "blimp_file": cfg.blimp_file}
+    evaluation = {"finetune": {k: v for k, v in preset.pop("finetune").items() if k != "lrs"},
+                  "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir, "blimp_file": cfg.blimp_file}
     key = {"config": {"pretrain": preset, "eval": evaluation},
            "data": digest(train_files + val_files), "code": {"pretrain": code_digest("pretrain"), "eval": code_digest("eval")}}
     store = Store(cfg.out, key, cfg.on_change)
