@@ -766,15 +766,19 @@ def glue_small(ft: dict) -> dict | None:
     seeds = sorted(set.intersection(*(set(r["per_seed"]) for r in ft.values()))) if ft else []
     if not seeds:
         return None
-    per_seed = {s: float(np.mean([np.mean([r["per_seed"][s][m] for m in GLUE_HEADLINE[t]]) for t, r in ft.items()]))
-                for s in seeds}
+    per_seed = {s: float(np.mean([headline(t, r["per_seed"][s]) for t, r in ft.items()])) for s in seeds}
     vals = list(per_seed.values())
     return {"per_seed": per_seed, "median": float(np.median(vals)), "min": min(vals), "max": max(vals)}
 
 
+def headline(task: str, scores: dict) -> float:
+    """One finetuning seed's headline score on a task (MRPC: the mean of F1 and accuracy)."""
+    return float(np.mean([scores[m] for m in GLUE_HEADLINE[task]]))
+
+
 def task_median(task: str, per_seed: dict) -> float:
-    """The median over finetuning seeds of a task's headline (MRPC: mean of F1 and accuracy)."""
-    return float(np.median([np.mean([r[m] for m in GLUE_HEADLINE[task]]) for r in per_seed.values()]))
+    """The median over finetuning seeds of a task's headline."""
+    return float(np.median([headline(task, r) for r in per_seed.values()]))
 
 
 def best_finetune_lr(store, P: Preset, task: str, pt: str) -> dict | None:

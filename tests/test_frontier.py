@@ -92,7 +92,7 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert F.best_finetune_lr(Finetuned(), P, "sst2", "pt/kbert/s1000/seed0")["lr"] == P.finetune.lr
 
     # summarize: each task at its best lr once its sweep is in; GLUE-small at the protocol's lr kept beside it
-    class Record(Pretrained):
+    class Record:
         def result(self, name):
             if name.startswith("pt/"):
                 return {"params": 1, "tokens": 4096000, "flops": 1.0, "wall_s": 1.0, "cpu_s": 1.0, "final_val_loss": 4.0,
