@@ -140,11 +140,12 @@ PRESETS = {
                                     pack_len=128),
                   compile=True),
     # one H100, sized for 10 minutes (an estimate until measured, records/2026-12-05-cpu-frontier/README.md): width
-    # 256, 6 layers, 16k tokens a step; finetuning 1 epoch of at most 1,500 examples a task (eager, launch-bound)
+    # 256, 6 layers, 16k tokens a step; finetuning 1 epoch of at most 1,500 examples a task (eager, launch-bound). The
+    # finetuning lr sweep runs after everything at lr 2e-4 (a second call of gpu_checks.sh continues into it)
     "gpu": Preset(d_model=256, n_layer=6, seq_len=1024, batch_seqs=16, micro_seqs=16, budgets=(250, 500, 1000), evals=5,
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
-                  finetune=Finetune(lr=2e-4, epochs=1.0, batch_size=32, max_train_examples=1500, sst2_examples=1500,
-                                    max_len=128, pack_len=128),
+                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3), epochs=1.0, batch_size=32, max_train_examples=1500,
+                                    sst2_examples=1500, max_len=128, pack_len=128),
                   compile=True),
     "smoke": Preset(d_model=64, n_layer=2, seq_len=128, batch_seqs=4, micro_seqs=2, budgets=(3, 6), evals=1, val_seqs=4,
                     lrs=(1e-3, 3e-3), seeds=(0, 1), blimp_pairs=2,

@@ -64,7 +64,8 @@ finetune)
   done ;;
 frontier)
   # bench/frontier.py's gpu preset: every arm, 3 budgets, BLiMP and GLUE-small finetuning (sized for 10 minutes on one
-  # H100, an estimate of 7-11 until measured: records/2026-12-05-cpu-frontier/README.md; a second call continues it);
+  # H100, an estimate of 7-11 until measured: records/2026-12-05-cpu-frontier/README.md; a second call continues it,
+  # into the finetuning lr sweep, about 4-5 more minutes, also an estimate);
   # its data prepared by the pack stage into $DATA/frontier
   echo "== the frontier, GPU preset"
   timeout 590 python3 -m bench.frontier --frontier.preset gpu --frontier.corpus "$DATA/frontier/frontier" \
