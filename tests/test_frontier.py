@@ -114,7 +114,12 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
              "tasks_best": {"sst2": {"lr": 2e-3, "per_seed": {}, "medians": {2e-4: 65.0, 2e-3: 77.8}}},
              "glue_small_best": {"median": 45.0, "min": 44.5, "max": 46.0}}
     row = F.table([entry]).splitlines()[2]
-    assert "| 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 77.8 (0.002) |" in row, row
+    assert "| 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 77.8 (0.002, top) |" in row, row
+    entry["tasks_best"]["sst2"]["medians"][6e-4] = 70.0  # a best lr below the sweep's highest is bracketed
+    entry["tasks_best"]["sst2"]["medians"][2e-3] = 69.0
+    entry["tasks_best"]["sst2"]["lr"] = 6e-4
+    row = F.table([entry]).splitlines()[2]
+    assert "| 65.0 -> 70.0 (0.0006) |" in row, row
 
 
 def test_document_masks_keep_documents_apart_and_restart_positions():
