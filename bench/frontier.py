@@ -901,8 +901,9 @@ def plot(entries: list[dict], path: str):
     if any(e.get("glue_small_best") for e in entries):
         metrics.insert(1, ("glue_small_best", "GLUE-small, best finetuning lr per task"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.7 * len(metrics), 5))
+    colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(e["arm"] for e in entries))}  # one per arm in every panel
     for ax, (key, label) in zip(axes, metrics):
-        for arm in dict.fromkeys(e["arm"] for e in entries):
+        for arm in colors:
             pts = sorted([e for e in entries if e["arm"] == arm], key=lambda e: e["flops"])
             xs, ys, lo, hi = [], [], [], []
             for steps in sorted({e["budget_steps"] for e in pts}):
@@ -925,7 +926,8 @@ def plot(entries: list[dict], path: str):
                 lo.append(main - min(vals))
                 hi.append(max(vals) - main)
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, lw=2.5 if arm == "kbert" else 1.5, label=arm)
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, lw=2.5 if arm == "kbert" else 1.5, label=arm,
+                            color=colors[arm])
         ax.set_xscale("log")
         ax.set_xlabel("pretraining FLOPs")
         ax.set_ylabel(label)
