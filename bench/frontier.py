@@ -887,6 +887,9 @@ def table(entries: list[dict]) -> str:
             f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else "-",
             *([f"{gb['median']:.1f} [{gb['min']:.1f}, {gb['max']:.1f}]" if gb else "-"] if swept else []),
             fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *task_cells]) + " |")
+    if swept:
+        lines += ["", "Each task's cell: its median at the protocol's finetuning lr -> its best median over the finetuning "
+                  "lr sweep (that lr; \"top\": the sweep's highest lr, so the task's best is not bracketed)."]
     return "\n".join(lines)
 
 
@@ -964,15 +967,12 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
            "entries": [{k: v for k, v in e.items() if k != "curve"} | {"curve": e["curve"]} for e in entries]}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
-    swept_note = (" Each task's cell gives its median at the protocol's finetuning lr -> its best median over the "
-                  "finetuning lr sweep (that lr; \"top\": the sweep's highest lr, so the task's best is not bracketed)."
-                  if any("tasks_best" in e for e in entries) else "")
     md = (f"`{header['command']}`, code {header['code']['pretrain']} (pretraining) / {header['code']['eval']} (evaluation), "
           f"commit {header['commit']}, {header['device']}, torch "
           f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
-          f"finished.{swept_note}\n\n{table(entries)}\n\nCore-hours of the finished runs (each on one core, one thread; "
+          f"finished.\n\n{table(entries)}\n\nCore-hours of the finished runs (each on one core, one thread; "
           f"pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
           f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
                                               f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))
