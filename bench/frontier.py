@@ -30,7 +30,8 @@ Arms (one width and depth per preset; each recipe keeps its own MLP ratio and he
   modernbert  transformers' ModernBertForMaskedLM with its published settings (bench/baselines.py)
   bert        transformers' BertForMaskedLM with its published settings, gradient clipping at 1.0
 Ablations of KBERT, on demand (--frontier.arms): kbert-mask30 (ModernBERT's 30% masking throughout),
-kbert-nounet (no U-net skips), kbert-wd (weight decay 0.05 on the hidden matrices).
+kbert-nounet (no U-net skips), kbert-wd (weight decay 0.05 on the hidden matrices, the default since
+records/2026-12-06-weight-decay; the 2026-12-05 record's kbert runs predate it).
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -491,12 +492,12 @@ ABLATIONS = [
     Arm("kbert-mask30", "kbert", "trainer.py's defaults with ModernBERT's masking: 30% throughout, 10% random, 10% kept",
         train=(("mask_rate_end", 0.3), ("random_frac_end", 0.1), ("keep_frac_end", 0.1))),
     Arm("kbert-nounet", "kbert", "trainer.py's defaults without the U-net skips", model=(("unet_skips", False),)),
-    # Muon without decay grows KBERT's hidden matrices ~sqrt(steps) (RMS 0.20 -> 0.43 from 4.1M to 16.4M tokens, ~8x
-    # ModernBERT's), so one finetuning lr moves them ever less (finetune-lr/weight_rms.txt). Decoupled decay holds
-    # them near sqrt(lr / (2 wd)) x the update's RMS, ~0.17 at 0.05, reached in ~1 / (2 lr wd) = 500 steps
-    # (Moonlight, arXiv:2502.16982, adds decay to Muon for long runs for the same reason)
-    Arm("kbert-wd", "kbert", "trainer.py's defaults with decoupled weight decay 0.05 on the hidden matrices (Muon)",
-        train=(("weight_decay", 0.05),)),
+    # Muon without decay grew KBERT's hidden matrices ~sqrt(steps) (RMS 0.20 -> 0.43 from 4.1M to 16.4M tokens, ~8x
+    # ModernBERT's), so one finetuning lr moved them ever less (finetune-lr/weight_rms.txt). Decoupled decay holds
+    # them near sqrt(lr / (2 wd)) x the update's RMS (~0.17 at 0.05, estimated; 0.15 measured), reached in ~1 / (2 lr
+    # wd) = 500 steps. This arm tested it; it became trainer.py's default after the record's kbert runs (at 0)
+    Arm("kbert-wd", "kbert", "decoupled weight decay 0.05 on the hidden matrices (Muon); trainer.py's default since "
+        "the records/2026-12-06-weight-decay change, the record's kbert runs have 0", train=(("weight_decay", 0.05),)),
 ]
 ARM_BY_NAME = {a.name: a for a in ARMS + ABLATIONS}
 

@@ -426,6 +426,31 @@ def test_resume_with_new_learning_rates_uses_them(shards, monkeypatch):
     assert re.search(r"^step:4/6 loss:\S+ gnorm:\S+ lr_muon:0.004 lr_embed:0.0005 lr_scalar:0.002 ", text, re.M)
 
 
+def test_default_weight_decay_shrinks_only_the_muon_matrices_by_lr_times_wd():
+    """trainer.py's default decay (0.05, records/2026-12-06-weight-decay) against the same step
+    without it: the hidden matrices end lr x wd x their old value lower, everything else equal."""
+    t = trainer.TrainConfig()
+    assert t.weight_decay == 0.05
+    torch.manual_seed(0)
+    first = KBERT(ModelConfig(preset="tiny", local_window=32, global_window=128))
+    grads = {n: torch.randn_like(p) for n, p in first.named_parameters()}
+    after = {}
+    for wd in (t.weight_decay, 0.0):
+        model = KBERT(ModelConfig(preset="tiny", local_window=32, global_window=128))
+        model.load_state_dict(first.state_dict())
+        opt = trainer.build_optimizer(model, dataclasses.replace(t, weight_decay=wd))
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        after[wd] = dict(model.named_parameters())
+    muon = {id(p) for g in opt.param_groups if g["kind"] == "muon" for p in g["params"]}
+    hidden = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert hidden == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2} != set()
+    for n, p0 in first.named_parameters():
+        expected = t.lr_muon * t.weight_decay * p0.detach() if n in hidden else torch.zeros_like(p0)
+        torch.testing.assert_close(after[0.0][n] - after[t.weight_decay][n], expected, atol=1e-6, rtol=1e-4)
+
+
 # -- training runs ------------------------------------------------------------------------
 
 
