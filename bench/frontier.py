@@ -492,10 +492,7 @@ ABLATIONS = [
     Arm("kbert-mask30", "kbert", "trainer.py's defaults with ModernBERT's masking: 30% throughout, 10% random, 10% kept",
         train=(("mask_rate_end", 0.3), ("random_frac_end", 0.1), ("keep_frac_end", 0.1))),
     Arm("kbert-nounet", "kbert", "trainer.py's defaults without the U-net skips", model=(("unet_skips", False),)),
-    # Muon without decay grew KBERT's hidden matrices ~sqrt(steps) (RMS 0.20 -> 0.43 from 4.1M to 16.4M tokens, 8-9x
-    # ModernBERT's), so one finetuning lr moved them ever less (finetune-lr/weight_rms.txt). Decoupled decay holds
-    # them near sqrt(lr / (2 wd)) x the update's RMS (~0.17 at 0.05, estimated; 0.15 measured), reached in ~1 / (2 lr
-    # wd) = 500 steps. This arm tested it; it became trainer.py's default after the record's kbert runs (at 0)
+    # why, and what it did: trainer.py's weight_decay and records/2026-12-06-weight-decay
     Arm("kbert-wd", "kbert", "decoupled weight decay 0.05 on the hidden matrices (Muon); trainer.py's default since "
         "the records/2026-12-06-weight-decay change, the record's kbert runs have 0", train=(("weight_decay", 0.05),)),
 ]
