@@ -72,7 +72,7 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert F.ft_name("sst2", "pt/kbert/s1000/seed0") == "ft/sst2/kbert/s1000/seed0"
     assert F.ft_name("sst2", "pt/kbert/s1000/seed0", 2e-3) == "ft/sst2/kbert/s1000/seed0/flr0.002"
 
-    scores = {P.finetune.lr: [65.0, 64.0, 66.0], 6e-4: [70.0, 72.0, 71.0], 2e-3: [71.0, 69.0, 70.0]}
+    scores = {P.finetune.lr: [65.0, 64.0, 66.0], 6e-4: [70.0, 72.0, 71.0], 2e-3: [71.0, 69.0, 70.0], 6e-3: [50.0, 60.0, 55.0]}
 
     class Finetuned:
         def __init__(self, missing=()):
@@ -85,10 +85,10 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
             return {"per_seed": {str(i): {"accuracy": a} for i, a in enumerate(scores[lr])}}
 
     best = F.best_finetune_lr(Finetuned(), P, "sst2", "pt/kbert/s1000/seed0")
-    assert best["lr"] == 6e-4 and best["medians"] == {P.finetune.lr: 65.0, 6e-4: 71.0, 2e-3: 70.0}
+    assert best["lr"] == 6e-4 and best["medians"] == {P.finetune.lr: 65.0, 6e-4: 71.0, 2e-3: 70.0, 6e-3: 55.0}
     assert best["per_seed"]["1"] == {"accuracy": 72.0}
     assert F.best_finetune_lr(Finetuned(missing=(2e-3,)), P, "sst2", "pt/kbert/s1000/seed0") is None
-    scores[6e-4] = scores[2e-3] = scores[P.finetune.lr]
+    scores[6e-4] = scores[2e-3] = scores[6e-3] = scores[P.finetune.lr]
     assert F.best_finetune_lr(Finetuned(), P, "sst2", "pt/kbert/s1000/seed0")["lr"] == P.finetune.lr
 
     # summarize: each task at its best lr once its sweep is in; GLUE-small at the protocol's lr kept beside it
