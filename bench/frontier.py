@@ -869,6 +869,27 @@ def fmt(x, spec, none="-"):
     return none if x is None else format(x, spec)
 
 
+def task_cell(e: dict, task: str) -> str:
+    """A task's median at the protocol's finetuning lr -> its best median over the sweep (that lr;
+    "top" when it is the sweep's highest, so the task's best is not bracketed)."""
+    per, best = e["tasks"].get(task), e.get("tasks_best", {}).get(task)
+    cell = fmt(task_median(task, per) if per else None, ".1f")
+    if best:
+        top = best["lr"] == max(map(float, best["medians"]))
+        cell += f" -> {best['medians'][best['lr']]:.1f} ({best['lr']:g}{', top' if top else ''})"
+    return cell
+
+
+def glue_cell(g: dict | None, none="-") -> str:
+    return f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else none
+
+
+def ratio_cell(e: dict) -> str:
+    if "token_ratio" not in e:
+        return "- (no baseline of this seed)"
+    return f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}"
+
+
 def table(entries: list[dict]) -> str:
     tasks = sorted({t for e in entries for t in e["tasks"]}, key=list(GLUE_HEADLINE).index)
     swept = any("tasks_best" in e for e in entries)  # the finetuning lr sweep: a column and each task's best next to it
@@ -877,25 +898,36 @@ def table(entries: list[dict]) -> str:
             "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"])):
-        g, gb = e["glue_small"], e.get("glue_small_best")
-        task_cells = []
-        for t in tasks:
-            per, best = e["tasks"].get(t), e.get("tasks_best", {}).get(t)
-            top = best and best["lr"] == max(map(float, best["medians"]))  # the sweep's highest lr: not bracketed
-            task_cells.append(fmt(task_median(t, per) if per else None, ".1f") +
-                              (f" -> {best['medians'][best['lr']]:.1f} ({best['lr']:g}{', top' if top else ''})"
-                               if best else ""))
         lines.append("| " + " | ".join([
             e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
             f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
-            (f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}" if "token_ratio" in e
-             else "- (no baseline of this seed)"),
-            f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else "-",
-            *([f"{gb['median']:.1f} [{gb['min']:.1f}, {gb['max']:.1f}]" if gb else "-"] if swept else []),
-            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *task_cells]) + " |")
+            ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
+            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *[task_cell(e, t) for t in tasks]]) + " |")
     if swept:
         lines += ["", "Each task's cell: its median at the protocol's finetuning lr -> its best median over the finetuning "
                   "lr sweep (that lr; \"top\": the sweep's highest lr, so the task's best is not bracketed)."]
+    return "\n".join(lines)
+
+
+def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", "stsb")) -> str:
+    """The short table README.md shows: budgets in order, arms in the order --frontier.arms names them."""
+    order = [a.name for a in arms]
+    head = ["arm", "tokens", "pretraining seed", "lr or settings", "final val loss", "tokens / wall to the best baseline's final loss",
+            f"GLUE-small, finetuning lr {lr:g}", "GLUE-small, best finetuning lr per task", "BLiMP %",
+            *[f"{t} ({lr:g} -> best, its lr)" for t in tasks]]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for e in sorted(entries, key=lambda e: (e["budget_steps"], order.index(e["arm"]), e["seed"])):
+        arm = ARM_BY_NAME[e["arm"]]  # a KBERT arm's lr cell: its overrides of trainer.py's defaults
+        overrides = ["[SEP] ends each document"] * arm.sep + [f"{k} {v}" for k, v in arm.model + arm.train]
+        settings = fmt(e["lr"], "g") if e["lr"] else ", ".join(overrides) or "defaults"
+        ratio = ratio_cell(e) if e["recipe"] == "kbert" else (
+            "(the baseline)" if e["arm"] == e.get("best_baseline", {}).get("arm") else "-")
+        lines.append("| " + " | ".join([
+            e["arm"], f"{e['tokens'] / 1e6:.1f}M" if e["tokens"] >= 1e5 else f"{e['tokens']:,}", str(e["seed"]), settings,
+            f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past the bar)"), ratio,
+            glue_cell(e["glue_small"], "not run"), glue_cell(e.get("glue_small_best"), "not run"),
+            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f", "not run"),
+            *[task_cell(e, t) for t in tasks]]) + " |")
     return "\n".join(lines)
 
 
@@ -978,7 +1010,7 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
           f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
-          f"finished.\n\n{table(entries)}\n\nCore-hours of the finished runs (each on one core, one thread; "
+          f"finished.\n\n{table(entries)}\n\nThe same, short (README.md's table):\n\n{short_table(entries, arms, P.finetune.lr)}\n\nCore-hours of the finished runs (each on one core, one thread; "
           f"pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
           f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
                                               f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))

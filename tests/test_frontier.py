@@ -121,6 +121,18 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     row = F.table([entry]).splitlines()[2]
     assert "| 65.0 -> 70.0 (0.0006) |" in row, row
 
+    # README's short table: budgets in order, then arms in the order given; the best baseline named as such
+    base = entry | {"arm": "modernbert", "recipe": "modernbert", "lr": 1e-3, "final_val_loss": 5.3, "tasks_best": {},
+                    "glue_small_best": None, "blimp": None}
+    entry |= {"recipe": "kbert", "best_baseline": {"arm": "modernbert"}, "token_ratio": 0.44, "wall_ratio": 0.26}
+    base["best_baseline"] = entry["best_baseline"]
+    big = entry | {"budget_steps": 2000, "tokens": 8192000}
+    rows = F.short_table([big, entry, base], [F.ARM_BY_NAME["modernbert"], F.ARM_BY_NAME["kbert"]], 2e-4).splitlines()
+    assert "GLUE-small, finetuning lr 0.0002" in rows[0] and "sst2 (0.0002 -> best, its lr)" in rows[0]
+    assert [r.split(" | ")[:2] for r in rows[2:]] == [["| modernbert", "4.1M"], ["| kbert", "4.1M"], ["| kbert", "8.2M"]]
+    assert rows[2].endswith("| 5.300 | (the baseline) | 40.0 [39.0, 41.0] | not run | not run | 65.0 | - |"), rows[2]
+    assert "| defaults | 4.400 | 0.44 / 0.26 | 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 70.0 (0.0006) | - |" in rows[3]
+
 
 def test_document_masks_keep_documents_apart_and_restart_positions():
     ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, 8, 9, PAD_ID]])
@@ -231,7 +243,7 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
         same = {r["data_digest"] for r in no_sep if r["curve"][-1]["step"] == steps}
         assert len(same) == 1, steps
     results_table = (tmp_path / "record" / "results.md").read_text().split("Core-hours")[0]
-    assert results_table.count("| kbert |") == len(P.budgets) + 1
+    assert results_table.count("| kbert |") == 2 * (len(P.budgets) + 1)  # the full table and README's short one
     # each pretraining seed's runs are measured against the best baseline of that seed (the second seed too)
     assert all(e["best_baseline"]["arm"] == best for e in entries if e["seed"] == 1)
     # budget by budget: every run of the smallest budget finished before any of the next
