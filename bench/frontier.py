@@ -147,7 +147,7 @@ PRESETS = {
     # finetuning lr sweep runs after everything at lr 2e-4 (a second call of gpu_checks.sh continues into it)
     "gpu": Preset(d_model=256, n_layer=6, seq_len=1024, batch_seqs=16, micro_seqs=16, budgets=(250, 500, 1000), evals=5,
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
-                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3), epochs=1.0, batch_size=32, max_train_examples=1500,
+                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3, 6e-3), epochs=1.0, batch_size=32, max_train_examples=1500,
                                     sst2_examples=1500, max_len=128, pack_len=128),
                   compile=True),
     "smoke": Preset(d_model=64, n_layer=2, seq_len=128, batch_seqs=4, micro_seqs=2, budgets=(3, 6), evals=1, val_seqs=4,
@@ -875,16 +875,19 @@ def task_cell(e: dict, task: str) -> str:
     per, best = e["tasks"].get(task), e.get("tasks_best", {}).get(task)
     cell = fmt(task_median(task, per) if per else None, ".1f")
     if best:
-        top = best["lr"] == max(map(float, best["medians"]))
-        cell += f" -> {best['medians'][best['lr']]:.1f} ({best['lr']:g}{', top' if top else ''})"
+        medians = {float(lr): m for lr, m in best["medians"].items()}  # results.json stores the lrs as strings
+        top = best["lr"] == max(medians)
+        cell += f" -> {medians[best['lr']]:.1f} ({best['lr']:g}{', top' if top else ''})"
     return cell
 
 
 def glue_cell(g: dict | None, none="-") -> str:
+    """GLUE-small's median [min, max] over finetuning seeds."""
     return f"{g['median']:.1f} [{g['min']:.1f}, {g['max']:.1f}]" if g else none
 
 
 def ratio_cell(e: dict) -> str:
+    """Tokens / wall time to the best baseline's final loss, as a fraction of the baseline's."""
     if "token_ratio" not in e:
         return "- (no baseline of this seed)"
     return f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}"
@@ -911,19 +914,20 @@ def table(entries: list[dict]) -> str:
 
 def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", "stsb")) -> str:
     """The short table README.md shows: budgets in order, arms in the order --frontier.arms names them."""
-    order = [a.name for a in arms]
-    head = ["arm", "tokens", "pretraining seed", "lr or settings", "final val loss", "tokens / wall to the best baseline's final loss",
+    rank = {a.name: i for i, a in enumerate(arms)}
+    head = ["arm", "tokens", "pretraining seed", "lr or settings", "final val loss",
+            "tokens / wall to the best baseline's final loss",
             f"GLUE-small, finetuning lr {lr:g}", "GLUE-small, best finetuning lr per task", "BLiMP %",
             *[f"{t} ({lr:g} -> best, its lr)" for t in tasks]]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for e in sorted(entries, key=lambda e: (e["budget_steps"], order.index(e["arm"]), e["seed"])):
-        arm = ARM_BY_NAME[e["arm"]]  # a KBERT arm's lr cell: its overrides of trainer.py's defaults
+    for e in sorted(entries, key=lambda e: (e["budget_steps"], rank.get(e["arm"], len(rank)), e["arm"], e["seed"])):
+        arm = ARM_BY_NAME.get(e["arm"], Arm(e["arm"], e["recipe"], ""))  # a KBERT arm's lr cell: its overrides
         overrides = ["[SEP] ends each document"] * arm.sep + [f"{k} {v}" for k, v in arm.model + arm.train]
-        settings = fmt(e["lr"], "g") if e["lr"] else ", ".join(overrides) or "defaults"
+        settings = fmt(e["lr"], "g") if e["lr"] is not None else ", ".join(overrides) or "defaults"
         ratio = ratio_cell(e) if e["recipe"] == "kbert" else (
             "(the baseline)" if e["arm"] == e.get("best_baseline", {}).get("arm") else "-")
         lines.append("| " + " | ".join([
-            e["arm"], f"{e['tokens'] / 1e6:.1f}M" if e["tokens"] >= 1e5 else f"{e['tokens']:,}", str(e["seed"]), settings,
+            e["arm"], f"{e['tokens'] / 1e6:.1f}M" if e["tokens"] >= 1e6 else f"{e['tokens']:,}", str(e["seed"]), settings,
             f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past the bar)"), ratio,
             glue_cell(e["glue_small"], "not run"), glue_cell(e.get("glue_small_best"), "not run"),
             fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f", "not run"),
@@ -1010,7 +1014,8 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
           f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
-          f"finished.\n\n{table(entries)}\n\nThe same, short (README.md's table):\n\n{short_table(entries, arms, P.finetune.lr)}\n\nCore-hours of the finished runs (each on one core, one thread; "
+          f"finished.\n\n{table(entries)}\n\nThe same, short (README.md's table):\n\n"
+          f"{short_table(entries, arms, P.finetune.lr)}\n\nCore-hours of the finished runs (each on one core, one thread; "
           f"pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
           f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
                                               f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))

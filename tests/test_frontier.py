@@ -121,17 +121,25 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     row = F.table([entry]).splitlines()[2]
     assert "| 65.0 -> 70.0 (0.0006) |" in row, row
 
-    # README's short table: budgets in order, then arms in the order given; the best baseline named as such
+    # README's short table: budgets in order, then arms in the order given, then seeds; the best baseline named as such,
+    # a KBERT arm's overrides in its lr column
     base = entry | {"arm": "modernbert", "recipe": "modernbert", "lr": 1e-3, "final_val_loss": 5.3, "tasks_best": {},
-                    "glue_small_best": None, "blimp": None}
+                    "glue_small_best": None, "blimp": None, "best_baseline": {"arm": "modernbert"}}
+    other = base | {"arm": "bert", "recipe": "bert", "lr": 3e-4, "final_val_loss": 6.9, "past_unigram": False}
     entry |= {"recipe": "kbert", "best_baseline": {"arm": "modernbert"}, "token_ratio": 0.44, "wall_ratio": 0.26}
-    base["best_baseline"] = entry["best_baseline"]
-    big = entry | {"budget_steps": 2000, "tokens": 8192000}
-    rows = F.short_table([big, entry, base], [F.ARM_BY_NAME["modernbert"], F.ARM_BY_NAME["kbert"]], 2e-4).splitlines()
+    rows = F.short_table([
+        base | {"budget_steps": 2000, "tokens": 8192000}, entry | {"budget_steps": 2000, "tokens": 8192000},
+        entry | {"seed": 1}, entry | {"arm": "kbert-wd"}, other, base, entry],
+        [F.ARM_BY_NAME[a] for a in ("kbert", "kbert-wd", "modernbert", "bert")], 2e-4).splitlines()
     assert "GLUE-small, finetuning lr 0.0002" in rows[0] and "sst2 (0.0002 -> best, its lr)" in rows[0]
-    assert [r.split(" | ")[:2] for r in rows[2:]] == [["| modernbert", "4.1M"], ["| kbert", "4.1M"], ["| kbert", "8.2M"]]
-    assert rows[2].endswith("| 5.300 | (the baseline) | 40.0 [39.0, 41.0] | not run | not run | 65.0 | - |"), rows[2]
-    assert "| defaults | 4.400 | 0.44 / 0.26 | 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 70.0 (0.0006) | - |" in rows[3]
+    assert [r.split(" | ")[:3] for r in rows[2:]] == [
+        ["| kbert", "4.1M", "0"], ["| kbert", "4.1M", "1"], ["| kbert-wd", "4.1M", "0"], ["| modernbert", "4.1M", "0"],
+        ["| bert", "4.1M", "0"], ["| kbert", "8.2M", "0"], ["| modernbert", "8.2M", "0"]]
+    assert rows[2].endswith(
+        "| defaults | 4.400 | 0.44 / 0.26 | 40.0 [39.0, 41.0] | 45.0 [44.5, 46.0] | 54.0 | 65.0 -> 70.0 (0.0006) | - |"), rows[2]
+    assert "| kbert-wd | 4.1M | 0 | weight_decay 0.05 | 4.400 |" in rows[4]
+    assert rows[5].endswith("| 0.001 | 5.300 | (the baseline) | 40.0 [39.0, 41.0] | not run | not run | 65.0 | - |"), rows[5]
+    assert "| 0.0003 | 6.900 (not past the bar) | - |" in rows[6]
 
 
 def test_document_masks_keep_documents_apart_and_restart_positions():
