@@ -60,8 +60,8 @@ class TrainConfig:
     # decoupled, on the hidden (Muon) matrices only: each step shrinks them by lr_t x weight_decay. Without it Muon
     # grew them ~sqrt(steps) (CPU frontier: 0.20 -> 0.43 RMS from 4.1M to 16.4M tokens, ~9x ModernBERT's), so one
     # finetuning lr moved them ever less; 0.05 held them at 0.14-0.16 at every budget with the MLM loss no worse
-    # (GLUE-small +2.6 at 16.4M tokens, -1.5 at 8.2M, one seed each: records/2026-12-06-weight-decay). Decay for
-    # Muon on long runs as in Moonlight (arXiv:2502.16982)
+    # (GLUE-small at the best finetuning lr +0.9 at 16.4M tokens, -0.7 at 8.2M, inside the seed ranges:
+    # records/2026-12-06-weight-decay). Decay for Muon on long runs as in Moonlight (arXiv:2502.16982)
     weight_decay: float = opt(0.05, ">= 0")
     adam_betas: str = opt("0.8,0.95", "2 numbers in [0, 1)")  # modded-nanogpt's betas for embeddings and scalars
     warmup_frac: float = opt(0.01, "in [0, 1]")  # linear lr warm-up
