@@ -893,19 +893,28 @@ def ratio_cell(e: dict) -> str:
     return f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}"
 
 
+def blimp_cell(e: dict, none="-") -> str:
+    return fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f", none)
+
+
+def md_rows(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] +
+                     ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def table(entries: list[dict]) -> str:
     tasks = sorted({t for e in entries for t in e["tasks"]}, key=list(GLUE_HEADLINE).index)
     swept = any("tasks_best" in e for e in entries)  # the finetuning lr sweep: a column and each task's best next to it
     head = ["arm", "budget (tokens)", "seed", "lr", "FLOPs", "wall s", "final val loss", "x best baseline tokens / wall",
             "GLUE-small median [min, max]"] + (["GLUE-small, best finetuning lr per task"] if swept else []) + [
             "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"])):
-        lines.append("| " + " | ".join([
-            e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
-            f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
-            ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
-            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f"), *[task_cell(e, t) for t in tasks]]) + " |")
+    lines = [md_rows(head, [[
+        e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
+        f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
+        ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
+        blimp_cell(e), *[task_cell(e, t) for t in tasks]]
+        for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"]))])]
     if swept:
         lines += ["", "Each task's cell: its median at the protocol's finetuning lr -> its best median over the finetuning "
                   "lr sweep (that lr; \"top\": the sweep's highest lr, so the task's best is not bracketed)."]
@@ -919,20 +928,19 @@ def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", 
             "tokens / wall to the best baseline's final loss",
             f"GLUE-small, finetuning lr {lr:g}", "GLUE-small, best finetuning lr per task", "BLiMP %",
             *[f"{t} ({lr:g} -> best, its lr)" for t in tasks]]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    rows = []
     for e in sorted(entries, key=lambda e: (e["budget_steps"], rank.get(e["arm"], len(rank)), e["arm"], e["seed"])):
         arm = ARM_BY_NAME.get(e["arm"], Arm(e["arm"], e["recipe"], ""))  # a KBERT arm's lr cell: its overrides
         overrides = ["[SEP] ends each document"] * arm.sep + [f"{k} {v}" for k, v in arm.model + arm.train]
         settings = fmt(e["lr"], "g") if e["lr"] is not None else ", ".join(overrides) or "defaults"
         ratio = ratio_cell(e) if e["recipe"] == "kbert" else (
             "(the baseline)" if e["arm"] == e.get("best_baseline", {}).get("arm") else "-")
-        lines.append("| " + " | ".join([
+        rows.append([
             e["arm"], f"{e['tokens'] / 1e6:.1f}M" if e["tokens"] >= 1e6 else f"{e['tokens']:,}", str(e["seed"]), settings,
             f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past the bar)"), ratio,
-            glue_cell(e["glue_small"], "not run"), glue_cell(e.get("glue_small_best"), "not run"),
-            fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f", "not run"),
-            *[task_cell(e, t) for t in tasks]]) + " |")
-    return "\n".join(lines)
+            glue_cell(e["glue_small"], "not run"), glue_cell(e.get("glue_small_best"), "not run"), blimp_cell(e, "not run"),
+            *[task_cell(e, t) for t in tasks]])
+    return md_rows(head, rows)
 
 
 def plot(entries: list[dict], path: str):
