@@ -32,6 +32,7 @@ Arms (one width and depth per preset; each recipe keeps its own MLP ratio and he
 Ablations of KBERT, on demand (--frontier.arms): kbert-mask30 (ModernBERT's 30% masking throughout),
 kbert-nounet (no U-net skips), kbert-wd (weight decay 0.05 on the hidden matrices, the default since
 records/2026-12-06-weight-decay; the 2026-12-05 record's kbert runs predate it).
+--frontier.budgets plans a subset of the budgets, e.g. `--frontier.arms kbert-nounet --frontier.budgets 1000`.
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -83,6 +84,9 @@ class FrontierConfig:
     glue_dir: str = opt("../shared/data", "non-empty")  # holds glue/<task>/{train,validation}.jsonl (finetuner's data_dir)
     blimp_file: str = opt("../shared/data/blimp/blimp.jsonl", "non-empty")
     arms: str = ""  # comma-separated subset of the arms; empty: all
+    # comma-separated subset of the preset's budgets (optimizer steps) to plan, e.g. 1000 for an ablation judged at the
+    # smallest budget only; empty: all. The report always covers every budget
+    budgets: str = ""
     stages: str = opt("corpus,pretrain,blimp,finetune,report", "non-empty")  # see the module docstring
     on_change: str = opt("refuse", "refuse, keep or redo")  # a stored run made with another config, data or code
     threads: int = opt(0, ">= 0")  # torch threads of this process and its finetuning runs; 0: torch's default
@@ -611,6 +615,8 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     sweeps = {arm.name: best_lr(store, arm, P, P.seeds[0]) for arm in arms if arm.recipe != "kbert"}
     best_base = best_baseline(store, ARMS, P)
     for b, steps in enumerate(P.budgets):
+        if cfg.budgets and steps not in budget_list(cfg, P):
+            continue
         reported = []  # pretraining runs of this budget whose models are evaluated
         for arm in arms:
             if arm.recipe == "kbert":
@@ -642,6 +648,20 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                 sweep += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
                            "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
     return jobs + sweep
+
+
+def budget_list(cfg: FrontierConfig, P: Preset) -> list[int]:
+    """--frontier.budgets as optimizer steps, each one of the preset's budgets."""
+    try:
+        wanted = [int(x) for x in cfg.budgets.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--frontier.budgets {cfg.budgets!r}: give optimizer steps separated by commas, "
+                         f"from the {cfg.preset} preset's {','.join(map(str, P.budgets))}") from None
+    unknown = sorted(set(wanted) - set(P.budgets))
+    if unknown or not wanted:
+        raise SystemExit(f"--frontier.budgets {cfg.budgets!r}: {unknown or 'none given'} not among the {cfg.preset} "
+                         f"preset's budgets {','.join(map(str, P.budgets))} (optimizer steps)")
+    return wanted
 
 
 def ft_name(task: str, pt: str, lr: float | None = None) -> str:
@@ -1050,6 +1070,8 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--frontier.stages: unknown {unknown}; choose from corpus, pack, pretrain, blimp, finetune, report")
     P = PRESETS[cfg.preset]
+    if cfg.budgets:
+        budget_list(cfg, P)  # a bad list stops here, before any work
     arms = ARMS
     if cfg.arms:
         wanted = [a.strip() for a in cfg.arms.split(",") if a.strip()]
@@ -1135,7 +1157,7 @@ def main(argv=None) -> dict:
             store.release(job["name"])
     if failed:
         print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
-    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune"), P, arms, store)  # the whole record
+    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets=""), P, arms, store)  # the whole record
     return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
 
 

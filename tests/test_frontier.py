@@ -142,6 +142,32 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert "| 0.0003 | 6.900 (not past the bar) | - |" in rows[6]
 
 
+def test_budgets_restricts_the_plan_to_the_budgets_given():
+    """--frontier.budgets plans only those budgets (an ablation judged at the smallest), with the
+    smallest budget's extras (the baselines' sweep, the second seed) still where they belong; a
+    budget outside the preset stops with the preset's budgets named."""
+    P = F.PRESETS["cpu"]
+    arms = [F.ARM_BY_NAME[a] for a in ("kbert-mask30", "kbert", "modernbert")]
+
+    class Pretrained:  # every pretraining run finished, ModernBERT's sweep best at 1e-3
+        def result(self, name):
+            return {"final_val_loss": 4.0 if name.endswith("lr0.001") else 5.0} if name.startswith("pt/") else None
+
+    def steps(jobs):
+        return {int(j["name"].split("/s")[1].split("/")[0]) for j in jobs if j["kind"] == "pretrain"}
+
+    every = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune"), P, arms, Pretrained())
+    small = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="1000"), P, arms, Pretrained())
+    large = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000,4000"), P, arms, Pretrained())
+    assert steps(every) == {1000, 2000, 4000} and steps(small) == {1000} and steps(large) == {2000, 4000}
+    assert sorted(j["name"] for j in small + large) == sorted(j["name"] for j in every)
+    assert "pt/kbert/s1000/seed1" in {j["name"] for j in small}  # the second seed stays at the smallest budget
+    assert {j["lr"] for j in small if j["name"].startswith("pt/modernbert")} == set(P.lrs)
+    for bad in ("1500", "x", ","):
+        with pytest.raises(SystemExit, match="--frontier.budgets .*1000,2000,4000"):
+            F.budget_list(F.FrontierConfig(budgets=bad), P)
+
+
 def test_document_masks_keep_documents_apart_and_restart_positions():
     ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, 8, 9, PAD_ID]])
     mask, pos = B.document_masks(ids)
