@@ -14,7 +14,7 @@ Stages, in order:
             fixed validation set with fixed masks (15% of the ordinary tokens, all [MASK]);
             the baselines' learning rates swept at the smallest budget until the best is
             bracketed, the best one then used at the larger budgets; a second pretraining
-            seed at the smallest budget for every recipe
+            seed at the smallest budget for KBERT (kbert, kbert-wd) and the best baseline
   blimp     each reported model on BLiMP (all 67 paradigms, `blimp_pairs` each, fp32)
   finetune  each reported model through finetuner.py (in this process), one protocol for every
             arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds;
@@ -169,10 +169,11 @@ class Arm:
     sep: bool = False  # documents end with [SEP]
     model: tuple = ()  # KBERT ModelConfig overrides, (key, value) pairs
     train: tuple = ()  # KBERT TrainConfig overrides
+    second_seed: bool = False  # a second pretraining seed at the smallest budget (as the best baseline gets)
 
 
 ARMS = [
-    Arm("kbert", "kbert", "trainer.py's defaults"),
+    Arm("kbert", "kbert", "trainer.py's defaults", second_seed=True),
     Arm("kbert-sep", "kbert", "trainer.py's defaults, every document ending in [SEP]", sep=True),
     Arm("modernbert", "modernbert", "transformers' ModernBertForMaskedLM, ModernBERT's published settings"),
     Arm("bert", "bert", "transformers' BertForMaskedLM, BERT's published settings"),
@@ -500,7 +501,8 @@ ABLATIONS = [
     Arm("kbert-nounet", "kbert", "trainer.py's defaults without the U-net skips", model=(("unet_skips", False),)),
     # why, and what it did: trainer.py's weight_decay and records/2026-12-06-weight-decay
     Arm("kbert-wd", "kbert", "decoupled weight decay 0.05 on the hidden matrices (Muon); trainer.py's default since "
-        "the records/2026-12-06-weight-decay change, the record's kbert runs have 0", train=(("weight_decay", 0.05),)),
+        "the records/2026-12-06-weight-decay change, the record's kbert runs have 0", train=(("weight_decay", 0.05),),
+        second_seed=True),  # today's default: its own pretraining-seed spread, not the undecayed one's
 ]
 ARM_BY_NAME = {a.name: a for a in ARMS + ABLATIONS}
 
@@ -605,9 +607,9 @@ def best_baseline(store, arms: list[Arm], P: Preset) -> Arm | None:
 def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     """Every run the record needs that its inputs allow today, in the order they should run:
     budget by budget (so an interrupted record holds whole budgets), each budget's
-    pretraining (the baselines' sweep at the smallest; there, a second seed for KBERT and the
-    best baseline), then BLiMP and finetuning of its reported models. A job: {"name", "kind",
-    ..., "after": the runs it needs}."""
+    pretraining (the baselines' sweep at the smallest; there, a second seed for the KBERT arms
+    with second_seed and the best baseline), then BLiMP and finetuning of its reported models.
+    A job: {"name", "kind", ..., "after": the runs it needs}."""
     jobs, sweep = [], []  # the finetuning lr sweep runs after every budget's runs at the protocol's lr
     stages = set(cfg.stages.split(","))
     # the sweeps and the record's best baseline (among all its recipes, whichever arms this process plans: once, a
@@ -629,7 +631,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                 if lr is None:
                     continue  # the rest of this arm waits for its sweep
             seeds = [P.seeds[0]]
-            if b == 0 and (arm.name == "kbert" or arm == best_base):
+            if b == 0 and (arm.second_seed or arm == best_base):
                 seeds += list(P.seeds[1:])
             for seed in seeds:
                 name = job_name(arm.name, steps, seed, lr)
