@@ -55,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -705,7 +706,8 @@ def git_commit() -> str:
 
 
 class Store:
-    """runs/<job>.json in the record folder: {"key", "result", "commit", "finished"}; a job is
+    """runs/<job>.json in the record folder: {"key", "result", "commit", "run" (a stamp of this
+    try), "finished", and for an evaluation "pretrained_run" (its model's stamp)}; a job is
     claimed by runs/<job>.lock (its pid), so that several processes can share a record."""
 
     def __init__(self, folder: str, key: dict, on_change: str):
@@ -727,11 +729,14 @@ class Store:
         return json.load(open(p)) if os.path.isfile(p) else None
 
     def status(self, job: dict) -> str:
-        """'done', 'todo', or 'redo' (stored under another key and on_change redo). A stored
-        result under another key with on_change refuse stops the program."""
+        """'done', 'todo', or 'redo' (stored under another key and on_change redo, or an evaluation
+        of a model since pretrained again). A stored result under another key with on_change refuse
+        stops the program."""
         stored = self.load(job["name"])
         if stored is None:
             return "todo"
+        if "pretrained" in job and self.stale(stored, job):
+            return "redo"
         if stored["key"] == self.job_key(job):
             return "done"
         differ = [k for k in ("config", "data", "code", "job") if stored["key"].get(k) != self.job_key(job).get(k)]
@@ -742,6 +747,17 @@ class Store:
         raise SystemExit(f"{self.path(job['name'])} was made with another {', '.join(differ)} (stored at commit "
                          f"{stored.get('commit')}): rerun with --frontier.on_change keep to use it as it is (its key is "
                          "recorded), --frontier.on_change redo to run it again, or give another --frontier.out")
+
+    def stale(self, stored: dict, job: dict) -> bool:
+        """Whether a stored evaluation scored another model than the one its pretraining run holds
+        now (that run was made again, e.g. with on_change redo): it counts under no on_change.
+        Evaluations stored before their model's stamp was kept: stale if they finished before it."""
+        pt = self.load(job["pretrained"])
+        if pt is None:
+            return False  # no model yet: the job waits for its pretraining anyway
+        if "pretrained_run" in stored:
+            return stored["pretrained_run"] != pt.get("run", pt["finished"])
+        return stored["finished"] < pt["finished"]
 
     def result(self, name: str) -> dict | None:
         """A finished run's result, if it counts under this key (or --frontier.on_change keep)."""
@@ -777,9 +793,13 @@ class Store:
 
     def save(self, job: dict, result: dict):
         tmp = self.path(job["name"]) + f".tmp{os.getpid()}"
+        record = {"key": self.job_key(job), "commit": git_commit(), "run": uuid.uuid4().hex[:16],
+                  "finished": datetime.datetime.now().isoformat(timespec="seconds"), "result": result}
+        if "pretrained" in job:  # which model it scored: the stamp of its pretraining run
+            pt = self.load(job["pretrained"])
+            record["pretrained_run"] = pt.get("run", pt["finished"])
         with open(tmp, "w") as f:
-            json.dump({"key": self.job_key(job), "commit": git_commit(), "finished": datetime.datetime.now().isoformat(
-                timespec="seconds"), "result": result}, f, indent=1, default=str)
+            json.dump(record, f, indent=1, default=str)
         os.replace(tmp, self.path(job["name"]))
         if os.path.exists(self.path(job["name"], ".failed")):  # an earlier try's failure, now superseded
             os.remove(self.path(job["name"], ".failed"))

@@ -173,6 +173,38 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
             F.budget_list(F.FrontierConfig(budgets=bad), P)
 
 
+@pytest.mark.parametrize("on_change", ["refuse", "keep", "redo"])
+def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_change):
+    """When a pretraining run is made again (--frontier.on_change redo), every evaluation stored
+    for its earlier model stops counting, whatever on_change says: a record never pairs one
+    model's loss with another model's scores. Evaluations stored before models carried a stamp
+    count only if they finished after their model."""
+    key = {"config": {"pretrain": {"d": 1}, "eval": {"e": 1}}, "data": "d", "code": {"pretrain": "p", "eval": "v"}}
+    store = F.Store(str(tmp_path), key, on_change)
+    pt = {"name": "pt/kbert/s1000/seed0", "kind": "pretrain", "arm": "kbert", "steps": 1000, "seed": 0, "after": []}
+    ft = {"name": "ft/rte/kbert/s1000/seed0", "kind": "finetune", "task": "rte", "pretrained": pt["name"],
+          "after": [pt["name"]]}
+    store.save(pt, {"final_val_loss": 4.0})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 50.0}}})
+    assert store.status(ft) == "done" and store.result(ft["name"]) is not None
+    store.save(pt, {"final_val_loss": 4.1})  # the model, pretrained again
+    assert store.status(pt) == "done" and store.status(ft) == "redo" and store.result(ft["name"]) is None
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
+    assert store.status(ft) == "done" and store.result(ft["name"])["per_seed"]["0"]["accuracy"] == 55.0
+
+    def legacy(finished):  # an evaluation stored without its model's stamp, finished at `finished`
+        stored = store.load(ft["name"])
+        stored.pop("pretrained_run", None)
+        stored["finished"] = finished
+        json.dump(stored, open(store.path(ft["name"]), "w"))
+
+    made = store.load(pt["name"])["finished"]
+    legacy("2000-01-01T00:00:00")
+    assert store.status(ft) == "redo"
+    legacy(made)
+    assert store.status(ft) == "done"
+
+
 def test_document_masks_keep_documents_apart_and_restart_positions():
     ids = torch.tensor([[CLS_ID, 5, 6, CLS_ID, 7, 8, 9, PAD_ID]])
     mask, pos = B.document_masks(ids)
