@@ -38,7 +38,8 @@ Resumable: every pretraining, BLiMP and finetuning run stores its result in the 
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
 (a digest of the files that run it; the commit is recorded beside it). Rerunning the same
 command skips finished runs and continues the rest; a stored result whose key differs is
-refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again).
+refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again). An
+evaluation counts only for the model it scored: a pretraining run made again runs its evaluations again.
 Several processes may work on one record at once (a run is claimed by a lock file), e.g. one
 per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
 The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored).
@@ -756,8 +757,13 @@ class Store:
         if pt is None:
             return False  # no model yet: the job waits for its pretraining anyway
         if "pretrained_run" in stored:
-            return stored["pretrained_run"] != pt.get("run", pt["finished"])
+            return stored["pretrained_run"] != self.stamp(pt)
         return stored["finished"] < pt["finished"]
+
+    @staticmethod
+    def stamp(stored: dict) -> str:
+        """A stored run's stamp: its own, or when it finished if it was stored before stamps."""
+        return stored.get("run", stored["finished"])
 
     def result(self, name: str) -> dict | None:
         """A finished run's result, if it counts under this key (or --frontier.on_change keep)."""
@@ -791,13 +797,19 @@ class Store:
     def locked(self, name: str) -> bool:
         return os.path.isfile(self.path(name, ".lock"))
 
-    def save(self, job: dict, result: dict):
+    def save(self, job: dict, result: dict, model_stamp: str | None = None):
+        """Stores a finished run; an evaluation with the stamp of the model it read (model_stamp,
+        taken when it read the model folder; default: its pretraining run's stamp now)."""
         tmp = self.path(job["name"]) + f".tmp{os.getpid()}"
         record = {"key": self.job_key(job), "commit": git_commit(), "run": uuid.uuid4().hex[:16],
                   "finished": datetime.datetime.now().isoformat(timespec="seconds"), "result": result}
         if "pretrained" in job:  # which model it scored: the stamp of its pretraining run
-            pt = self.load(job["pretrained"])
-            record["pretrained_run"] = pt.get("run", pt["finished"])
+            if model_stamp is None:
+                pt = self.load(job["pretrained"])
+                if pt is None:
+                    raise OSError(f"{self.path(job['pretrained'])} is gone: {job['name']} cannot say which model it scored")
+                model_stamp = self.stamp(pt)
+            record["pretrained_run"] = model_stamp
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1, default=str)
         os.replace(tmp, self.path(job["name"]))
@@ -1160,16 +1172,18 @@ def main(argv=None) -> dict:
         try:
             t0 = time.perf_counter()
             print(f"== {job['name']} ({len(pending)} runs to go)", flush=True)
+            stamp = None
             if job["kind"] == "pretrain":
                 result = pretrain(job, P, cfg, files, val, device, log_dir)
             else:
-                model_dir = store.result(job["pretrained"])["model"]
+                made = store.load(job["pretrained"])  # its model, and the stamp its result will carry
+                model_dir, stamp = made["result"]["model"], store.stamp(made)
                 if job["kind"] == "blimp":
                     result = blimp(job, P, cfg, model_dir, os.path.join(log_dir, "blimp"))
                 else:
                     result = finetune(job, P, cfg, model_dir, os.path.join(log_dir, "finetune"))
             result["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            store.save(job, result)
+            store.save(job, result, stamp)
         except (RuntimeError, ValueError, OSError) as e:  # one failed run must not stop an unattended record
             failed.add(job["name"])
             print(f"!! {job['name']} failed: {type(e).__name__}: {e}", flush=True)

@@ -191,6 +191,12 @@ def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_cha
     assert store.status(pt) == "done" and store.status(ft) == "redo" and store.result(ft["name"]) is None
     store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
     assert store.status(ft) == "done" and store.result(ft["name"])["per_seed"]["0"]["accuracy"] == 55.0
+    # an evaluation that read its model before the model was made again carries the old stamp
+    read = F.Store.stamp(store.load(pt["name"]))
+    store.save(pt, {"final_val_loss": 4.2})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 60.0}}}, model_stamp=read)
+    assert store.status(ft) == "redo"
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
 
     def legacy(finished):  # an evaluation stored without its model's stamp, finished at `finished`
         stored = store.load(ft["name"])
@@ -203,6 +209,11 @@ def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_cha
     assert store.status(ft) == "redo"
     legacy(made)
     assert store.status(ft) == "done"
+    stored = store.load(pt["name"])  # a model stored before stamps: its finishing time is its stamp
+    del stored["run"]
+    json.dump(stored, open(store.path(pt["name"]), "w"))
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
+    assert store.load(ft["name"])["pretrained_run"] == made and store.status(ft) == "done"
 
 
 def test_document_masks_keep_documents_apart_and_restart_positions():
