@@ -163,9 +163,10 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
     large = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000,4000"), P, arms, Pretrained())
     assert steps(every) == {1000, 2000, 4000} and steps(small) == {1000} and steps(large) == {2000, 4000}
     assert sorted(j["name"] for j in small + large) == sorted(j["name"] for j in every)
-    # the second seed: at the smallest budget only, for KBERT (the undecayed and today's default) and the best baseline
+    # the second seed: at the smallest budget only, for the KBERT arms with second_seed and the best baseline
     seed1 = {j["name"] for j in every if j["kind"] == "pretrain" and "/seed1" in j["name"]}
-    assert seed1 == {"pt/kbert/s1000/seed1", "pt/kbert-wd/s1000/seed1", "pt/modernbert/s1000/seed1/lr0.001"} <= {
+    assert seed1 == {"pt/kbert/s1000/seed1", "pt/kbert-wd/s1000/seed1", "pt/kbert-mask30/s1000/seed1",
+                     "pt/modernbert/s1000/seed1/lr0.001"} <= {
         j["name"] for j in small}
     assert {j["lr"] for j in small if j["name"].startswith("pt/modernbert")} == set(P.lrs)
     for bad in ("1500", "x", ","):
