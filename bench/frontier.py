@@ -621,8 +621,9 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     # process given only bert among the baselines started a second BERT seed), read once from the store
     sweeps = {arm.name: best_lr(store, arm, P, P.seeds[0]) for arm in arms if arm.recipe != "kbert"}
     best_base = best_baseline(store, ARMS, P)
+    wanted = budget_list(cfg, P) if cfg.budgets else P.budgets
     for b, steps in enumerate(P.budgets):
-        if cfg.budgets and steps not in budget_list(cfg, P):
+        if steps not in wanted:
             continue
         reported = []  # pretraining runs of this budget whose models are evaluated
         for arm in arms:
@@ -801,17 +802,12 @@ class Store:
         return os.path.isfile(self.path(name, ".lock"))
 
     def save(self, job: dict, result: dict, model_stamp: str | None = None):
-        """Stores a finished run; an evaluation with the stamp of the model it read (model_stamp,
-        taken when it read the model folder; default: its pretraining run's stamp now)."""
+        """Stores a finished run; an evaluation with model_stamp, the stamp of the model it read
+        (taken when it read the model folder)."""
         tmp = self.path(job["name"]) + f".tmp{os.getpid()}"
         record = {"key": self.job_key(job), "commit": git_commit(), "run": uuid.uuid4().hex[:16],
                   "finished": datetime.datetime.now().isoformat(timespec="seconds"), "result": result}
-        if "pretrained" in job:  # which model it scored: the stamp of its pretraining run
-            if model_stamp is None:
-                pt = self.load(job["pretrained"])
-                if pt is None:
-                    raise OSError(f"{self.path(job['pretrained'])} is gone: {job['name']} cannot say which model it scored")
-                model_stamp = self.stamp(pt)
+        if "pretrained" in job:  # which model it scored
             record["pretrained_run"] = model_stamp
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1, default=str)

@@ -185,19 +185,23 @@ def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_cha
     pt = {"name": "pt/kbert/s1000/seed0", "kind": "pretrain", "arm": "kbert", "steps": 1000, "seed": 0, "after": []}
     ft = {"name": "ft/rte/kbert/s1000/seed0", "kind": "finetune", "task": "rte", "pretrained": pt["name"],
           "after": [pt["name"]]}
+
+    def model():  # the stamp an evaluation takes when it reads its model folder
+        return F.Store.stamp(store.load(pt["name"]))
+
     store.save(pt, {"final_val_loss": 4.0})
-    store.save(ft, {"per_seed": {"0": {"accuracy": 50.0}}})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 50.0}}}, model())
     assert store.status(ft) == "done" and store.result(ft["name"]) is not None
     store.save(pt, {"final_val_loss": 4.1})  # the model, pretrained again
     assert store.status(pt) == "done" and store.status(ft) == "redo" and store.result(ft["name"]) is None
-    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}}, model())
     assert store.status(ft) == "done" and store.result(ft["name"])["per_seed"]["0"]["accuracy"] == 55.0
     # an evaluation that read its model before the model was made again carries the old stamp
-    read = F.Store.stamp(store.load(pt["name"]))
+    read = model()
     store.save(pt, {"final_val_loss": 4.2})
     store.save(ft, {"per_seed": {"0": {"accuracy": 60.0}}}, model_stamp=read)
     assert store.status(ft) == "redo"
-    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}}, model())
 
     def legacy(finished):  # an evaluation stored without its model's stamp, finished at `finished`
         stored = store.load(ft["name"])
@@ -213,7 +217,7 @@ def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_cha
     stored = store.load(pt["name"])  # a model stored before stamps: its finishing time is its stamp
     del stored["run"]
     json.dump(stored, open(store.path(pt["name"]), "w"))
-    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}})
+    store.save(ft, {"per_seed": {"0": {"accuracy": 55.0}}}, model())
     assert store.load(ft["name"])["pretrained_run"] == made and store.status(ft) == "done"
 
 
