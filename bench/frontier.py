@@ -672,6 +672,14 @@ def budget_list(cfg: FrontierConfig, P: Preset) -> list[int]:
     return wanted
 
 
+def waiting_for_sweep(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[str]:
+    """The baselines for which --frontier.budgets plans nothing: their lr sweep at the smallest
+    budget is unfinished and that budget is not among the ones given."""
+    if not cfg.budgets or P.budgets[0] in budget_list(cfg, P):
+        return []
+    return [arm.name for arm in arms if arm.recipe != "kbert" and best_lr(store, arm, P, P.seeds[0])[0] is None]
+
+
 def ft_name(task: str, pt: str, lr: float | None = None) -> str:
     """A finetuning run's name: at the protocol's lr (None) ft/<task>/<pretraining run>, in the sweep .../flr<lr>."""
     return f"ft/{task}/{pt[3:]}" + (f"/flr{lr:g}" if lr is not None else "")
@@ -1151,6 +1159,11 @@ def main(argv=None) -> dict:
               "val": {"rows": len(val[0]), "masked_tokens": int((val[1] >= 0).sum()), "digest": val[2]}}
     print(json.dumps({k: header[k] for k in ("command", "commit", "code", "data", "device")}, indent=1), flush=True)
 
+    idle = waiting_for_sweep(cfg, P, arms, store)
+    if idle:
+        print(f"{', '.join(idle)}: nothing planned at --frontier.budgets {cfg.budgets}, because the learning-rate sweep "
+              f"at the smallest budget ({P.budgets[0]} steps) is unfinished; add {P.budgets[0]} to --frontier.budgets "
+              "(or run it in another process with --frontier.wait true here)", flush=True)
     log_dir = os.path.join(cfg.out, "logs")
     failed = set()  # runs that raised in this process: reported, left for the next invocation
     while True:

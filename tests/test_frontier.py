@@ -172,6 +172,16 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
     for bad in ("1500", "x", ","):
         with pytest.raises(SystemExit, match="--frontier.budgets .*1000,2000,4000"):
             F.budget_list(F.FrontierConfig(budgets=bad), P)
+    # a baseline whose sweep is unfinished gets nothing at the larger budgets: named, so the user is told why
+    class Unswept(Pretrained):
+        def result(self, name):
+            return None if name.startswith("pt/modernbert/s1000/seed0/") else super().result(name)
+
+    assert not any(j["name"].startswith("pt/modernbert") for j in F.plan(
+        F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000,4000"), P, arms, Unswept()))
+    assert F.waiting_for_sweep(F.FrontierConfig(budgets="2000,4000"), P, arms, Unswept()) == ["modernbert"]
+    for budgets, store in (("1000,2000", Unswept()), ("", Unswept()), ("2000,4000", Pretrained())):
+        assert F.waiting_for_sweep(F.FrontierConfig(budgets=budgets), P, arms, store) == []
 
 
 @pytest.mark.parametrize("on_change", ["refuse", "keep", "redo"])
