@@ -1190,6 +1190,11 @@ def main(argv=None) -> dict:
             else:
                 made = store.load(job["pretrained"])  # its model, and the stamp its result will carry
                 model_dir, stamp = made["result"]["model"], store.stamp(made)
+                if not os.path.isdir(model_dir):  # models live in the work folder, which a record does not carry
+                    arm, steps = made["key"]["job"]["arm"], made["key"]["job"]["steps"]
+                    raise OSError(f"{job['pretrained']}'s model folder {model_dir} is gone (--frontier.work_dir is not "
+                                  f"part of the record): pretrain it again with --frontier.arms {arm} --frontier.budgets "
+                                  f"{steps} --frontier.on_change redo, which runs its stored evaluations again too")
                 if job["kind"] == "blimp":
                     result = blimp(job, P, cfg, model_dir, os.path.join(log_dir, "blimp"))
                 else:

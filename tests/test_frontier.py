@@ -426,3 +426,10 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     assert alone["runs_done"] == alone["runs_planned"] == report["runs_planned"] > len(runs)
     assert set(alone["core_hours"]) == {"kbert", "modernbert"}
     assert all(min(h.values()) > 0 for h in alone["core_hours"].values()), alone["core_hours"]
+    # a model folder lost with the work folder (not part of the record): its next evaluation fails, saying how to remake it
+    runs_dir = tmp_path / "record" / "runs"
+    shutil.rmtree(json.loads((runs_dir / "pt__kbert__s6__seed0.json").read_text())["result"]["model"])
+    (runs_dir / "ft__rte__kbert__s6__seed0.json").unlink()
+    F.main(args)
+    failed = (runs_dir / "ft__rte__kbert__s6__seed0.failed").read_text()
+    assert "model folder" in failed and "--frontier.arms kbert --frontier.budgets 6 --frontier.on_change redo" in failed
