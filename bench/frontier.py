@@ -750,13 +750,12 @@ class Store:
             return "todo"
         if "pretrained" in job and self.stale(stored, job):
             return "redo"
-        if stored["key"] == self.job_key(job):
-            return "done"
-        differ = [k for k in ("config", "data", "code", "job") if stored["key"].get(k) != self.job_key(job).get(k)]
-        if self.on_change == "keep":
+        key = self.job_key(job)
+        if stored["key"] == key or self.on_change == "keep":
             return "done"
         if self.on_change == "redo":
             return "redo"
+        differ = [k for k in ("config", "data", "code", "job") if stored["key"].get(k) != key.get(k)]
         raise SystemExit(f"{self.path(job['name'])} was made with another {', '.join(differ)} (stored at commit "
                          f"{stored.get('commit')}): rerun with --frontier.on_change keep to use it as it is (its key is "
                          "recorded), --frontier.on_change redo to run it again, or give another --frontier.out")
