@@ -14,7 +14,8 @@ Stages, in order:
             fixed validation set with fixed masks (15% of the ordinary tokens, all [MASK]);
             the baselines' learning rates swept at the smallest budget until the best is
             bracketed, the best one then used at the larger budgets; a second pretraining
-            seed at the smallest budget for KBERT (kbert, kbert-wd, two ablations) and the best baseline
+            seed at the smallest budget (and at --frontier.seed_budgets) for KBERT (kbert, kbert-wd,
+            two ablations) and the best baseline
   blimp     each reported model on BLiMP (all 67 paradigms, `blimp_pairs` each, fp32)
   finetune  each reported model through finetuner.py (in this process), one protocol for every
             arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds;
@@ -32,7 +33,9 @@ Arms (one width and depth per preset; each recipe keeps its own MLP ratio and he
 Ablations of KBERT, on demand (--frontier.arms): kbert-mask30 (ModernBERT's 30% masking throughout),
 kbert-nounet (no U-net skips), kbert-wd (weight decay 0.05 on the hidden matrices, the default since
 records/2026-12-06-weight-decay; the 2026-12-05 record's kbert runs predate it).
---frontier.budgets plans a subset of the budgets, e.g. `--frontier.arms kbert-nounet --frontier.budgets 1000`.
+--frontier.budgets plans a subset of the budgets, e.g. `--frontier.arms kbert-nounet --frontier.budgets 1000`;
+--frontier.seed_budgets adds the second pretraining seed at larger budgets, e.g. `--frontier.arms
+kbert-wd,modernbert --frontier.budgets 2000 --frontier.seed_budgets 2000`.
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -89,6 +92,9 @@ class FrontierConfig:
     # comma-separated subset of the preset's budgets (optimizer steps) to plan, e.g. 1000 for an ablation judged at the
     # smallest budget only; empty: all. The report always covers every budget
     budgets: str = ""
+    # comma-separated larger budgets (optimizer steps) at which the arms with a second pretraining seed (and the best
+    # baseline) get it too, so the record shows a seed's spread there; empty: at the smallest budget only
+    seed_budgets: str = ""
     stages: str = opt("corpus,pretrain,blimp,finetune,report", "non-empty")  # see the module docstring
     on_change: str = opt("refuse", "refuse, keep or redo")  # a stored run made with another config, data or code
     threads: int = opt(0, ">= 0")  # torch threads of this process and its finetuning runs; 0: torch's default
@@ -131,7 +137,7 @@ class Preset:
     evals: int  # validation points per run (and at step 0)
     val_seqs: int  # rows of the fixed validation set
     lrs: tuple  # the baselines' sweep at the smallest budget, extended until the best is bracketed
-    seeds: tuple  # pretraining seeds at the smallest budget
+    seeds: tuple  # pretraining seeds at the smallest budget (and at --frontier.seed_budgets)
     blimp_pairs: int  # per paradigm
     finetune: Finetune
     compile: bool  # torch.compile every arm's model (the same for all; compile time reported apart)
@@ -171,7 +177,8 @@ class Arm:
     sep: bool = False  # documents end with [SEP]
     model: tuple = ()  # KBERT ModelConfig overrides, (key, value) pairs
     train: tuple = ()  # KBERT TrainConfig overrides
-    second_seed: bool = False  # a second pretraining seed at the smallest budget (as the best baseline gets)
+    second_seed: bool = False  # a second pretraining seed at the smallest budget (as the best baseline gets) and at
+    # --frontier.seed_budgets
 
 
 ARMS = [
@@ -612,8 +619,9 @@ def best_baseline(store, arms: list[Arm], P: Preset) -> Arm | None:
 def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     """Every run the record needs that its inputs allow today, in the order they should run:
     budget by budget (so an interrupted record holds whole budgets), each budget's
-    pretraining (the baselines' sweep at the smallest; there, a second seed for the KBERT arms
-    with second_seed and the best baseline), then BLiMP and finetuning of its reported models.
+    pretraining (the baselines' sweep at the smallest; there and at cfg.seed_budgets, a second seed
+    for the KBERT arms with second_seed and the best baseline), then BLiMP and finetuning of its
+    reported models.
     A job: {"name", "kind", ..., "after": the runs it needs}."""
     jobs, sweep = [], []  # the finetuning lr sweep runs after every budget's runs at the protocol's lr
     stages = set(cfg.stages.split(","))
@@ -622,6 +630,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     sweeps = {arm.name: best_lr(store, arm, P, P.seeds[0]) for arm in arms if arm.recipe != "kbert"}
     best_base = best_baseline(store, ARMS, P)
     wanted = budget_list(cfg, P) if cfg.budgets else P.budgets
+    seeded = budget_list(cfg, P, "seed_budgets") if cfg.seed_budgets else []
     for b, steps in enumerate(P.budgets):
         if steps not in wanted:
             continue
@@ -637,7 +646,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                 if lr is None:
                     continue  # the rest of this arm waits for its sweep
             seeds = [P.seeds[0]]
-            if b == 0 and (arm.second_seed or arm == best_base):
+            if (b == 0 or steps in seeded) and (arm.second_seed or arm == best_base):
                 seeds += list(P.seeds[1:])
             for seed in seeds:
                 name = job_name(arm.name, steps, seed, lr)
@@ -658,16 +667,17 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     return jobs + sweep
 
 
-def budget_list(cfg: FrontierConfig, P: Preset) -> list[int]:
-    """--frontier.budgets as optimizer steps, each one of the preset's budgets."""
+def budget_list(cfg: FrontierConfig, P: Preset, field: str = "budgets") -> list[int]:
+    """--frontier.budgets (or .seed_budgets) as optimizer steps, each one of the preset's budgets."""
+    given = getattr(cfg, field)
     try:
-        wanted = [int(x) for x in cfg.budgets.split(",") if x.strip()]
+        wanted = [int(x) for x in given.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--frontier.budgets {cfg.budgets!r}: give optimizer steps separated by commas, "
+        raise SystemExit(f"--frontier.{field} {given!r}: give optimizer steps separated by commas, "
                          f"from the {cfg.preset} preset's {','.join(map(str, P.budgets))}") from None
     unknown = sorted(set(wanted) - set(P.budgets))
     if unknown or not wanted:
-        raise SystemExit(f"--frontier.budgets {cfg.budgets!r}: {unknown or 'none given'} not among the {cfg.preset} "
+        raise SystemExit(f"--frontier.{field} {given!r}: {unknown or 'none given'} not among the {cfg.preset} "
                          f"preset's budgets {','.join(map(str, P.budgets))} (optimizer steps)")
     return wanted
 
@@ -884,9 +894,7 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
             sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
                                                   {}).get("final_val_loss")} for x in lrs]
         for steps in P.budgets:
-            for seed in P.seeds:
-                if seed != P.seeds[0] and steps != P.budgets[0]:
-                    continue
+            for seed in P.seeds:  # the second seed where it was run (the smallest budget, and --frontier.seed_budgets)
                 name = job_name(arm.name, steps, seed, lr)
                 pt = store.result(name)
                 if pt is None:
@@ -1049,7 +1057,7 @@ def plot(entries: list[dict], path: str):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
             break
-    fig.suptitle("bars: range over seeds (finetuning seeds; at the smallest budget also the second pretraining seed)")
+    fig.suptitle("bars: range over seeds (finetuning seeds; where there are two pretraining seeds, both)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1110,8 +1118,9 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--frontier.stages: unknown {unknown}; choose from corpus, pack, pretrain, blimp, finetune, report")
     P = PRESETS[cfg.preset]
-    if cfg.budgets:
-        budget_list(cfg, P)  # a bad list stops here, before any work
+    for field in ("budgets", "seed_budgets"):
+        if getattr(cfg, field):
+            budget_list(cfg, P, field)  # a bad list stops here, before any work
     arms = ARMS
     if cfg.arms:
         wanted = [a.strip() for a in cfg.arms.split(",") if a.strip()]

@@ -169,6 +169,17 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
                      "pt/modernbert/s1000/seed1/lr0.001"} <= {
         j["name"] for j in small}
     assert {j["lr"] for j in small if j["name"].startswith("pt/modernbert")} == set(P.lrs)
+    # --frontier.seed_budgets: the same second seeds at a larger budget too, with their evaluations
+    wide = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000", seed_budgets="2000"), P, arms,
+                  Pretrained())
+    assert {j["name"] for j in wide if j["kind"] == "pretrain" and "/seed1" in j["name"]} == {
+        "pt/kbert/s2000/seed1", "pt/kbert-wd/s2000/seed1", "pt/kbert-mask30/s2000/seed1",
+        "pt/modernbert/s2000/seed1/lr0.001"}
+    assert {j["name"] for j in wide if j["kind"] != "pretrain" and "s2000/seed1" in j["name"]} >= {
+        "blimp/kbert-wd/s2000/seed1", "ft/rte/modernbert/s2000/seed1/lr0.001", "ft/rte/kbert-wd/s2000/seed1/flr0.006"}
+    assert not [j for j in large if "/seed1" in j["name"]]  # without it, none past the smallest budget
+    with pytest.raises(SystemExit, match="--frontier.seed_budgets '3000'.*1000,2000,4000"):
+        F.budget_list(F.FrontierConfig(seed_budgets="3000"), P, "seed_budgets")
     for bad in ("1500", "x", ","):
         with pytest.raises(SystemExit, match="--frontier.budgets .*1000,2000,4000"):
             F.budget_list(F.FrontierConfig(budgets=bad), P)
