@@ -93,7 +93,8 @@ class FrontierConfig:
     # smallest budget only; empty: all. The report always covers every budget
     budgets: str = ""
     # comma-separated larger budgets (optimizer steps) at which the arms with a second pretraining seed (and the best
-    # baseline) get it too, so the record shows a seed's spread there; empty: at the smallest budget only
+    # baseline) get it too, so the record shows a seed's spread there; empty: at the smallest budget only. Give the
+    # report the same value: its counts of planned runs and core-hours follow the plan (its tables show every stored run)
     seed_budgets: str = ""
     stages: str = opt("corpus,pretrain,blimp,finetune,report", "non-empty")  # see the module docstring
     on_change: str = opt("refuse", "refuse, keep or redo")  # a stored run made with another config, data or code

@@ -144,10 +144,11 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
 
 def test_budgets_restricts_the_plan_to_the_budgets_given():
     """--frontier.budgets plans only those budgets (an ablation judged at the smallest), with the
-    smallest budget's extras (the baselines' sweep, the second seeds) still where they belong; a
-    budget outside the preset stops with the preset's budgets named."""
+    smallest budget's extras (the baselines' sweep, the second seeds) still where they belong;
+    --frontier.seed_budgets adds the second seeds at a larger budget; a budget outside the preset
+    stops with the preset's budgets named."""
     P = F.PRESETS["cpu"]
-    arms = [F.ARM_BY_NAME[a] for a in ("kbert-mask30", "kbert", "kbert-wd", "modernbert")]
+    arms = [F.ARM_BY_NAME[a] for a in ("kbert-mask30", "kbert", "kbert-wd", "kbert-sep", "modernbert", "bert")]
 
     class Pretrained:  # every pretraining run finished, each baseline's sweep best at 1e-3, ModernBERT the best
         def result(self, name):
@@ -163,7 +164,8 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
     large = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000,4000"), P, arms, Pretrained())
     assert steps(every) == {1000, 2000, 4000} and steps(small) == {1000} and steps(large) == {2000, 4000}
     assert sorted(j["name"] for j in small + large) == sorted(j["name"] for j in every)
-    # the second seed: at the smallest budget only, for the KBERT arms with second_seed and the best baseline
+    # the second seed: at the smallest budget, for the KBERT arms with second_seed and the best baseline (not kbert-sep
+    # nor BERT)
     seed1 = {j["name"] for j in every if j["kind"] == "pretrain" and "/seed1" in j["name"]}
     assert seed1 == {"pt/kbert/s1000/seed1", "pt/kbert-wd/s1000/seed1", "pt/kbert-mask30/s1000/seed1",
                      "pt/modernbert/s1000/seed1/lr0.001"} <= {
