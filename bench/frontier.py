@@ -93,8 +93,8 @@ class FrontierConfig:
     # smallest budget only; empty: all. The report always covers every budget
     budgets: str = ""
     # comma-separated larger budgets (optimizer steps) at which the arms with a second pretraining seed (and the best
-    # baseline) get it too, so the record shows a seed's spread there; empty: at the smallest budget only. Give the
-    # report the same value: its counts of planned runs and core-hours follow the plan (its tables show every stored run)
+    # baseline) get it too, so the record shows a seed's spread there; empty: at the smallest budget only (the report
+    # adds every budget where such a run is stored)
     seed_budgets: str = ""
     stages: str = opt("corpus,pretrain,blimp,finetune,report", "non-empty")  # see the module docstring
     on_change: str = opt("refuse", "refuse, keep or redo")  # a stored run made with another config, data or code
@@ -691,6 +691,13 @@ def waiting_for_sweep(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) ->
     return [arm.name for arm in arms if arm.recipe != "kbert" and best_lr(store, arm, P, P.seeds[0])[0] is None]
 
 
+def stored_seed_budgets(store, P: Preset) -> list[int]:
+    """The budgets past the smallest at which a second pretraining seed is stored, so that a report
+    plans (counts, core-hours) what its tables show, whatever --frontier.seed_budgets it is given."""
+    return [steps for steps in P.budgets[1:]
+            if any(glob.glob(store.path(f"pt/*/s{steps}/seed{seed}*")) for seed in P.seeds[1:])]
+
+
 def ft_name(task: str, pt: str, lr: float | None = None) -> str:
     """A finetuning run's name: at the protocol's lr (None) ft/<task>/<pretraining run>, in the sweep .../flr<lr>."""
     return f"ft/{task}/{pt[3:]}" + (f"/flr{lr:g}" if lr is not None else "")
@@ -1219,7 +1226,10 @@ def main(argv=None) -> dict:
             store.release(job["name"])
     if failed:
         print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
-    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets=""), P, arms, store)  # the whole record
+    # the whole record: every budget, and a second seed wherever --frontier.seed_budgets or a stored run puts one
+    seeded = set(budget_list(cfg, P, "seed_budgets") if cfg.seed_budgets else []) | set(stored_seed_budgets(store, P))
+    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets="",
+                                    seed_budgets=",".join(map(str, sorted(seeded)))), P, arms, store)
     return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
 
 

@@ -197,6 +197,27 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
         assert F.waiting_for_sweep(F.FrontierConfig(budgets=budgets), P, arms, store) == []
 
 
+def test_a_report_plans_the_second_seeds_it_finds_stored(tmp_path):
+    """A report's counts and core-hours follow its plan: a second pretraining seed stored past the
+    smallest budget puts that budget among the seeded ones, without --frontier.seed_budgets."""
+    P = F.PRESETS["cpu"]
+    key = {"config": {"pretrain": {"d": 1}, "eval": {"e": 1}}, "data": "d", "code": {"pretrain": "p", "eval": "v"}}
+    store = F.Store(str(tmp_path), key, "refuse")
+
+    def pretrained(arm, steps, seed, lr=None):
+        store.save({"name": F.job_name(arm, steps, seed, lr), "kind": "pretrain", "arm": arm, "steps": steps,
+                    "seed": seed, "after": []}, {"final_val_loss": 4.0})
+
+    pretrained("kbert-wd", 1000, 1)  # the smallest budget's second seeds are planned anyway
+    pretrained("kbert-wd", 2000, 0)
+    pretrained("modernbert", 4000, 0, 1e-3)
+    assert F.stored_seed_budgets(store, P) == []
+    pretrained("modernbert", 4000, 1, 1e-3)
+    assert F.stored_seed_budgets(store, P) == [4000]
+    pretrained("kbert-wd", 2000, 1)
+    assert F.stored_seed_budgets(store, P) == [2000, 4000]
+
+
 @pytest.mark.parametrize("on_change", ["refuse", "keep", "redo"])
 def test_an_evaluation_of_a_model_pretrained_again_is_run_again(tmp_path, on_change):
     """When a pretraining run is made again (--frontier.on_change redo), every evaluation stored
