@@ -119,6 +119,11 @@ class Finetune:
     # KBERT's hidden matrices ~8x the RMS of ModernBERT's, so one Adam lr moves them ~8x less relative to their size
     # (records/2026-12-05-cpu-frontier/finetune-lr)
     lrs: tuple = ()
+    # tried in turn, per model and task, while the best median is the highest lr run so far, so that each task's best
+    # is bracketed from above (the same rule for every arm, as the baselines' pretraining sweep is bracketed). Not
+    # below: where the lowest lr was best, every lr scored within ~1 point of the task's majority class
+    # (records/2026-12-05-cpu-frontier/README.md)
+    extend: tuple = ()
     epochs: float = 3.0
     batch_size: int = 32
     max_train_examples: int = 0  # 0: all; SST-2's 67k examples are capped by sst2_examples
@@ -152,15 +157,16 @@ PRESETS = {
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
                   # 6e-3 because KBERT's best was the top of (2e-4, 6e-4, 2e-3) for SST-2, STS-B and CoLA at every
                   # budget: a shared sweep has to bracket every arm's best, not only the baselines'
-                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3, 6e-3), epochs=2.0, batch_size=32, sst2_examples=8000, max_len=128,
-                                    pack_len=128),
+                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3, 6e-3), extend=(2e-2, 6e-2), epochs=2.0, batch_size=32,
+                                    sst2_examples=8000, max_len=128, pack_len=128),
                   compile=True),
     # one H100, sized for 10 minutes (an estimate until measured, records/2026-12-05-cpu-frontier/README.md): width
     # 256, 6 layers, 16k tokens a step; finetuning 1 epoch of at most 1,500 examples a task (eager, launch-bound). The
     # finetuning lr sweep runs after everything at lr 2e-4 (a second call of gpu_checks.sh continues into it)
     "gpu": Preset(d_model=256, n_layer=6, seq_len=1024, batch_seqs=16, micro_seqs=16, budgets=(250, 500, 1000), evals=5,
                   val_seqs=64, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1), blimp_pairs=100,
-                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3, 6e-3), epochs=1.0, batch_size=32, max_train_examples=1500,
+                  finetune=Finetune(lr=2e-4, lrs=(6e-4, 2e-3, 6e-3), extend=(2e-2, 6e-2), epochs=1.0, batch_size=32,
+                                    max_train_examples=1500,
                                     sst2_examples=1500, max_len=128, pack_len=128),
                   compile=True),
     "smoke": Preset(d_model=64, n_layer=2, seq_len=128, batch_seqs=4, micro_seqs=2, budgets=(3, 6), evals=1, val_seqs=4,
@@ -622,9 +628,10 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     budget by budget (so an interrupted record holds whole budgets), each budget's
     pretraining (the baselines' sweep at the smallest; there and at cfg.seed_budgets, a second seed
     for the KBERT arms with second_seed and the best baseline), then BLiMP and finetuning of its
-    reported models.
+    reported models; last, the finetuning sweep's extension (finetune_lrs).
     A job: {"name", "kind", ..., "after": the runs it needs}."""
-    jobs, sweep = [], []  # the finetuning lr sweep runs after every budget's runs at the protocol's lr
+    # the finetuning lr sweep runs after every budget's runs at the protocol's lr, its extension upward last
+    jobs, sweep, extend = [], [], []
     stages = set(cfg.stages.split(","))
     # the sweeps and the record's best baseline (among all its recipes, whichever arms this process plans: once, a
     # process given only bert among the baselines started a second BERT seed), read once from the store
@@ -665,7 +672,10 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                          for task in P.finetune.tasks]
                 sweep += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
                            "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
-    return jobs + sweep
+                extend += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
+                            "after": [pt]} for task in P.finetune.tasks
+                           for lr in finetune_lrs(store, P, task, pt)[1 + len(P.finetune.lrs):]]
+    return jobs + sweep + extend
 
 
 def budget_list(cfg: FrontierConfig, P: Preset, field: str = "budgets") -> list[int]:
@@ -866,17 +876,35 @@ def task_median(task: str, per_seed: dict) -> float:
     return float(np.median([headline(task, r) for r in per_seed.values()]))
 
 
+def finetune_lrs(store, P: Preset, task: str, pt: str) -> list[float]:
+    """The finetuning lrs of one task on one pretrained model: the protocol's lr and the sweep,
+    then P.finetune.extend's lrs one at a time while the best median so far is the highest lr
+    run (each waits for the one below it)."""
+    lrs = [P.finetune.lr, *P.finetune.lrs]
+    for lr in P.finetune.extend:
+        runs = {x: store.result(ft_name(task, pt, None if x == P.finetune.lr else x)) for x in lrs}
+        if any(r is None for r in runs.values()):
+            break
+        medians = {x: task_median(task, r["per_seed"]) for x, r in runs.items()}
+        if max(medians, key=medians.get) != max(lrs):  # max keeps the first of equals
+            break
+        lrs.append(lr)
+    return lrs
+
+
 def best_finetune_lr(store, P: Preset, task: str, pt: str) -> dict | None:
-    """The finetuning sweep of one task on one pretrained model: {"lr", "per_seed", "medians"} of
-    the lr whose median is best (the first of equals, the protocol's lr first); None until every
-    lr of the sweep has finished."""
-    runs = {lr: store.result(ft_name(task, pt, None if lr == P.finetune.lr else lr))
-            for lr in (P.finetune.lr, *P.finetune.lrs)}
-    if any(r is None for r in runs.values()):
+    """The finetuning sweep of one task on one pretrained model: {"lr", "per_seed", "medians",
+    "open"} of the lr whose median is best (the first of equals, the protocol's lr first); None
+    until every lr of the sweep has finished. An lr of the extension upward that is planned but not
+    run (say, its model folder was lost) leaves the best as it stands, with "open": that lr."""
+    lrs = finetune_lrs(store, P, task, pt)
+    runs = {lr: store.result(ft_name(task, pt, None if lr == P.finetune.lr else lr)) for lr in lrs}
+    if any(runs[lr] is None for lr in lrs[:1 + len(P.finetune.lrs)]):
         return None
-    medians = {lr: task_median(task, r["per_seed"]) for lr, r in runs.items()}
+    missing = [lr for lr in lrs if runs[lr] is None]
+    medians = {lr: task_median(task, r["per_seed"]) for lr, r in runs.items() if r is not None}
     best = max(medians, key=lambda lr: medians[lr])  # max keeps the first of equals
-    return {"lr": best, "per_seed": runs[best]["per_seed"], "medians": medians}
+    return {"lr": best, "per_seed": runs[best]["per_seed"], "medians": medians, "open": missing[0] if missing else None}
 
 
 def crossing(curve: list[dict], target: float, key: str) -> float | None:
@@ -947,13 +975,14 @@ def fmt(x, spec, none="-"):
 
 def task_cell(e: dict, task: str) -> str:
     """A task's median at the protocol's finetuning lr -> its best median over the sweep (that lr;
-    "top" when it is the sweep's highest, so the task's best is not bracketed)."""
+    "top" when it is the highest lr run, so the task's best is not bracketed; "<lr> not run" when
+    the extension planned that lr and it has not run)."""
     per, best = e["tasks"].get(task), e.get("tasks_best", {}).get(task)
     cell = fmt(task_median(task, per) if per else None, ".1f")
     if best:
         medians = {float(lr): m for lr, m in best["medians"].items()}  # results.json stores the lrs as strings
-        top = best["lr"] == max(medians)
-        cell += f" -> {medians[best['lr']]:.1f} ({best['lr']:g}{', top' if top else ''})"
+        notes = ["top"] * (best["lr"] == max(medians)) + ([f"{best['open']:g} not run"] if best.get("open") else [])
+        cell += f" -> {medians[best['lr']]:.1f} ({', '.join([format(best['lr'], 'g'), *notes])})"
     return cell
 
 
@@ -993,7 +1022,8 @@ def table(entries: list[dict]) -> str:
         for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"]))])]
     if swept:
         lines += ["", "Each task's cell: its median at the protocol's finetuning lr -> its best median over the finetuning "
-                  "lr sweep (that lr; \"top\": the sweep's highest lr, so the task's best is not bracketed)."]
+                  "lr sweep (that lr; \"top\": the highest lr run, so the task's best is not bracketed; \"<lr> not run\": "
+                  "the sweep's extension upward planned that lr, which has not run)."]
     return "\n".join(lines)
 
 
@@ -1160,8 +1190,9 @@ def main(argv=None) -> dict:
     # a run's key: what shapes its result (its own steps, seed and lr are in its job; the budgets, sweep and
     # seeds of the preset only decide which runs there are)
     preset = {k: v for k, v in dataclasses.asdict(P).items() if k not in ("budgets", "lrs", "seeds")}
-    # the finetuning sweep's extra lrs are in each of their jobs, not in the key (the runs at lr keep theirs)
-    evaluation = {"finetune": {k: v for k, v in preset.pop("finetune").items() if k != "lrs"},
+    # the finetuning sweep's extra lrs (and its extension) are in each of their jobs, not in the key (the runs at lr
+    # keep theirs)
+    evaluation = {"finetune": {k: v for k, v in preset.pop("finetune").items() if k not in ("lrs", "extend")},
                   "blimp_pairs": preset.pop("blimp_pairs"), "glue_dir": cfg.glue_dir, "blimp_file": cfg.blimp_file}
     key = {"config": {"pretrain": preset, "eval": evaluation},
            "data": digest(train_files + val_files), "code": {"pretrain": code_digest("pretrain"), "eval": code_digest("eval")}}

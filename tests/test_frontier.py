@@ -142,6 +142,51 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert "| 0.0003 | 6.900 (not past the bar) | - |" in rows[6]
 
 
+def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
+    """Where the sweep's highest lr is a task's best, P.finetune.extend's lrs follow one at a
+    time (planned after the whole sweep) until a lower one wins; one planned but not run leaves
+    the best as it stands, marked in the table."""
+    P = F.PRESETS["cpu"]
+    assert P.finetune.extend == (2e-2, 6e-2)
+    pt = "pt/kbert/s1000/seed0"
+    scores = {P.finetune.lr: 10.0, 6e-4: 20.0, 2e-3: 30.0, 6e-3: 40.0}  # sst2 rises to the top; stsb peaks inside
+
+    class Store:
+        def result(self, name):
+            if name.startswith("pt/"):
+                return {"final_val_loss": 4.0}
+            lr = float(name.split("/flr")[1]) if "/flr" in name else P.finetune.lr
+            if name.startswith("ft/sst2/") and lr in scores:
+                return {"per_seed": {s: {"accuracy": scores[lr] + int(s)} for s in "012"}}
+            if name.startswith("ft/") and lr in (P.finetune.lr, *P.finetune.lrs):
+                return {"per_seed": {s: {m: 50.0 - 1e3 * abs(lr - 2e-3) for m in F.GLUE_HEADLINE[name.split("/")[1]]}
+                                     for s in "012"}}
+            return None
+
+    assert F.finetune_lrs(Store(), P, "stsb", pt) == [P.finetune.lr, *P.finetune.lrs]
+    assert F.finetune_lrs(Store(), P, "sst2", pt) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
+    jobs = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune"), P, [F.ARM_BY_NAME["kbert"]], Store())
+    extended = [j for j in jobs if j.get("lr") in P.finetune.extend]
+    assert [j["name"] for j in extended] == [f"ft/sst2/{b[3:]}/flr0.02" for b in
+                                             ("pt/kbert/s1000/seed0", "pt/kbert/s1000/seed1", "pt/kbert/s2000/seed0",
+                                              "pt/kbert/s4000/seed0")]
+    assert jobs[-len(extended):] == extended  # after every other run
+    best = F.best_finetune_lr(Store(), P, "sst2", pt)  # 2e-2 not run yet: the best stands, the bracket open
+    assert best["lr"] == 6e-3 and best["open"] == 2e-2 and F.best_finetune_lr(Store(), P, "stsb", pt)["open"] is None
+    entry = {"tasks": {"sst2": {"0": {"accuracy": 10.0}}}, "tasks_best": {"sst2": best}}
+    assert F.task_cell(entry, "sst2") == "10.0 -> 41.0 (0.006, top, 0.02 not run)"
+
+    scores[2e-2] = 45.0  # better again: 6e-2 follows, and once it is worse the best is bracketed at 2e-2
+    assert F.finetune_lrs(Store(), P, "sst2", pt)[-2:] == [2e-2, 6e-2]
+    scores[6e-2] = 44.0
+    best = F.best_finetune_lr(Store(), P, "sst2", pt)
+    assert best["lr"] == 2e-2 and best["open"] is None and best["medians"][6e-2] == 45.0
+    assert F.task_cell({"tasks": {}, "tasks_best": {"sst2": best}}, "sst2") == "- -> 46.0 (0.02)"
+    scores[2e-2] = 40.0  # no better than 6e-3 (the first of equals wins): bracketed, nothing more
+    assert F.finetune_lrs(Store(), P, "sst2", pt) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
+    assert F.best_finetune_lr(Store(), P, "sst2", pt)["lr"] == 6e-3
+
+
 def test_budgets_restricts_the_plan_to_the_budgets_given():
     """--frontier.budgets plans only those budgets (an ablation judged at the smallest), with the
     smallest budget's extras (the baselines' sweep, the second seeds) still where they belong;
