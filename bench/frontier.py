@@ -103,6 +103,10 @@ class FrontierConfig:
     # while this file exists (default: PAUSE in the record folder) pretraining waits between steps, off the clock,
     # and no new run starts: a benchmark can have the machine without skewing the runs' wall times
     pause_file: str = ""
+    # a finished pretraining run whose model folder is gone (the work folder is not part of the record) is pretrained
+    # again before its next evaluation, and must end exactly where its stored result ended (final validation loss,
+    # rows and masks); false: that evaluation fails, saying how to remake the model
+    rebuild: bool = False
     # keep polling until every planned run (of any stage) is done, e.g. a second process that only finetunes
     # (--frontier.stages blimp,finetune) beside one that pretrains; false: stop when nothing is ready
     wait: bool = False
@@ -524,6 +528,38 @@ ABLATIONS = [
         second_seed=True),  # today's default: its own pretraining-seed spread, not the undecayed one's
 ]
 ARM_BY_NAME = {a.name: a for a in ARMS + ABLATIONS}
+
+
+def rebuild(made: dict, name: str, store, P: Preset, cfg: FrontierConfig, files: dict, val, device) -> float:
+    """Pretrain a stored run again whose model folder is gone, in a scratch folder, and move the
+    model into place only if it ends exactly as stored (final validation loss, rows, masks): its
+    stored evaluations then stand. A run stored under another key (kept by --frontier.on_change
+    keep) is tried too: the end it must reach is the test, not the key. Returns the seconds it took."""
+    job = {**made["key"]["job"], "name": name}
+    if made["key"] != store.job_key(job):
+        print(f"{name} was made with another code, config or data (commit {made.get('commit')}): its rebuild counts only "
+              "if it ends exactly as stored", flush=True)
+    scratch = os.path.join(os.path.abspath(cfg.work_dir), "rebuild", name.replace("/", "_"))
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"== rebuilding {name}: its model folder {made['result']['model']} is gone", flush=True)
+    t0 = time.perf_counter()
+    again = pretrain(job, P, dataclasses.replace(cfg, work_dir=scratch), files, val, device, os.path.join(scratch, "logs"))
+    stored = made["result"]
+    same = [again[k] == stored[k] for k in ("final_val_loss", "data_digest", "val_digest")]
+    if not all(same):
+        shutil.rmtree(scratch)
+        raise RuntimeError(f"{name} pretrained again ends at validation loss {again['final_val_loss']!r} (data "
+                           f"{again['data_digest']}, masks {again['val_digest']}), not at its stored "
+                           f"{stored['final_val_loss']!r} ({stored['data_digest']}, {stored['val_digest']}): its "
+                           f"evaluations would not score the model they scored; pretrain it anew with --frontier.arms "
+                           f"{job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo")
+    os.makedirs(os.path.dirname(stored["model"]), exist_ok=True)
+    os.replace(again["model"], stored["model"])
+    shutil.copyfile(os.path.join(scratch, "logs", f"{name.replace('/', '_')}.txt"), stored["model"] + ".rebuild.txt")
+    shutil.rmtree(scratch)
+    seconds = round(time.perf_counter() - t0, 3)
+    print(f"== rebuilt {name} in {seconds:.0f} s: validation loss {again['final_val_loss']:.6f} as stored", flush=True)
+    return seconds
 
 
 def wait_while_paused(cfg: FrontierConfig):
@@ -1216,7 +1252,8 @@ def main(argv=None) -> dict:
     while True:
         jobs = [j for j in plan(cfg, P, arms, store) if j["kind"] in stages]
         pending = [j for j in jobs if store.status(j) != "done" and j["name"] not in failed]
-        ready = [j for j in pending if all(store.result(a) is not None for a in j["after"]) and not store.locked(j["name"])]
+        ready = [j for j in pending if all(store.result(a) is not None and not store.locked(a) for a in j["after"])
+                 and not store.locked(j["name"])]  # a finished run locked: another process rebuilds its model
         if not ready:
             unfinished = cfg.wait and any(store.status(j) != "done" for j in plan(cfg, P, arms, store))
             if unfinished or any(store.locked(n) for j in pending for n in [j["name"], *j["after"]]):
@@ -1231,22 +1268,33 @@ def main(argv=None) -> dict:
         try:
             t0 = time.perf_counter()
             print(f"== {job['name']} ({len(pending)} runs to go)", flush=True)
-            stamp = None
+            stamp, rebuilt_s = None, None
             if job["kind"] == "pretrain":
                 result = pretrain(job, P, cfg, files, val, device, log_dir)
             else:
                 made = store.load(job["pretrained"])  # its model, and the stamp its result will carry
                 model_dir, stamp = made["result"]["model"], store.stamp(made)
                 if not os.path.isdir(model_dir):  # models live in the work folder, which a record does not carry
-                    arm, steps = made["key"]["job"]["arm"], made["key"]["job"]["steps"]
-                    raise OSError(f"{job['pretrained']}'s model folder {model_dir} is gone (--frontier.work_dir is not "
-                                  f"part of the record): pretrain it again with --frontier.arms {arm} --frontier.budgets "
-                                  f"{steps} --frontier.on_change redo, which runs its stored evaluations again too")
+                    if not cfg.rebuild:
+                        arm, steps = made["key"]["job"]["arm"], made["key"]["job"]["steps"]
+                        raise OSError(f"{job['pretrained']}'s model folder {model_dir} is gone (--frontier.work_dir is "
+                                      "not part of the record): add --frontier.rebuild true to pretrain it again as it was "
+                                      f"made, or pretrain it anew with --frontier.arms {arm} --frontier.budgets {steps} "
+                                      "--frontier.on_change redo, which runs its stored evaluations again too")
+                    if not store.claim(job["pretrained"]):  # another process is rebuilding it: this run waits
+                        continue
+                    try:
+                        rebuilt_s = rebuild(made, job["pretrained"], store, P, cfg, files, val, device)
+                    finally:
+                        store.release(job["pretrained"])
+                    t0 = time.perf_counter()  # the evaluation's own time; the rebuild's is stored beside it
                 if job["kind"] == "blimp":
                     result = blimp(job, P, cfg, model_dir, os.path.join(log_dir, "blimp"))
                 else:
                     result = finetune(job, P, cfg, model_dir, os.path.join(log_dir, "finetune"))
             result["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            if rebuilt_s is not None:
+                result["rebuilt_model_s"] = rebuilt_s
             store.save(job, result, stamp)
         except (RuntimeError, ValueError, OSError) as e:  # one failed run must not stop an unattended record
             failed.add(job["name"])

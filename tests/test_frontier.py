@@ -4,6 +4,7 @@ validation masks), the smoke preset runs its stages and stores what it needs to 
 the summary's pieces against hand-made values."""
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -512,3 +513,20 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     F.main(args)
     failed = (runs_dir / "ft__rte__kbert__s6__seed0.failed").read_text()
     assert "model folder" in failed and "--frontier.arms kbert --frontier.budgets 6 --frontier.on_change redo" in failed
+    assert "--frontier.rebuild true" in failed
+    # --frontier.rebuild true pretrains it again (in a scratch folder) and, as it ends exactly as stored, the evaluation runs
+    made = runs_dir / "pt__kbert__s6__seed0.json"
+    stored = json.loads(made.read_text())
+    F.main(args + ["--frontier.rebuild", "true"])
+    assert json.loads((runs_dir / "ft__rte__kbert__s6__seed0.json").read_text())["result"]["rebuilt_model_s"] > 0
+    assert os.path.isdir(stored["result"]["model"]) and not list((tmp_path / "work" / "rebuild").iterdir())
+    assert json.loads(made.read_text()) == stored and F.main(args)["runs_done"] == report["runs_planned"]
+    # one that does not end as stored (here: a stored run of other code, kept) is refused and leaves no model behind
+    shutil.rmtree(stored["result"]["model"])
+    (runs_dir / "ft__rte__kbert__s6__seed0.json").unlink()
+    made.write_text(json.dumps(stored | {"key": stored["key"] | {"code": "other"},
+                                         "result": stored["result"] | {"final_val_loss": 9.5}}))
+    F.main(args + ["--frontier.rebuild", "true", "--frontier.on_change", "keep"])
+    failed = (runs_dir / "ft__rte__kbert__s6__seed0.failed").read_text()
+    assert "pretrained again ends at validation loss" in failed and "not at its stored 9.5" in failed
+    assert not os.path.exists(stored["result"]["model"])
