@@ -20,7 +20,8 @@ Stages, in order:
   finetune  each reported model through finetuner.py (in this process), one protocol for every
             arm (KBERT exports and transformers folders alike): CoLA, SST-2, MRPC, STS-B, RTE, 3 seeds;
             then, after every budget, the same at the preset's other finetuning lrs (`lrs`), so
-            that each task can report its best lr, the same sweep for every arm
+            that each task can report its best lr, the same sweep for every arm; last, where a
+            task's best is the sweep's highest lr, the next lr up (`extend`), until it is bracketed
   report    results.json, results.md and plots (GLUE-small, BLiMP and validation loss against
             pretraining FLOPs) in the record folder
   pack      (alone) the preset's data in bench/data/frontier, for a machine without ../shared
@@ -45,7 +46,9 @@ refused unless --frontier.on_change keep (use it, its key is recorded) or redo (
 evaluation counts only for the model it scored: a pretraining run made again runs its evaluations again.
 Several processes may work on one record at once (a run is claimed by a lock file), e.g. one
 per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
-The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored).
+The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored); a model
+folder lost with it is pretrained again by --frontier.rebuild true, and used only if it ends
+exactly where its stored run ended.
 """
 import dataclasses
 import datetime
@@ -555,7 +558,10 @@ def rebuild(made: dict, name: str, store, P: Preset, cfg: FrontierConfig, files:
                            f"{job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo")
     os.makedirs(os.path.dirname(stored["model"]), exist_ok=True)
     os.replace(again["model"], stored["model"])
-    shutil.copyfile(os.path.join(scratch, "logs", f"{name.replace('/', '_')}.txt"), stored["model"] + ".rebuild.txt")
+    logs = os.path.join(cfg.out, "logs", "rebuild")  # the record keeps the rebuild's log beside the original's
+    os.makedirs(logs, exist_ok=True)
+    shutil.copyfile(os.path.join(scratch, "logs", f"{name.replace('/', '_')}.txt"),
+                    os.path.join(logs, f"{name.replace('/', '_')}.txt"))
     shutil.rmtree(scratch)
     seconds = round(time.perf_counter() - t0, 3)
     print(f"== rebuilt {name} in {seconds:.0f} s: validation loss {again['final_val_loss']:.6f} as stored", flush=True)
