@@ -876,7 +876,13 @@ class Store:
             pass
 
     def locked(self, name: str) -> bool:
-        return os.path.isfile(self.path(name, ".lock"))
+        """Held by a live process (a lock left by a process that died, say a stopped rebuild, is not)."""
+        try:
+            pid = int(open(self.path(name, ".lock")).read() or 0)
+            os.kill(pid, 0)
+            return True
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):  # as claim() reads a lock
+            return False
 
     def save(self, job: dict, result: dict, model_stamp: str | None = None):
         """Stores a finished run; an evaluation with model_stamp, the stamp of the model it read
@@ -1258,7 +1264,8 @@ def main(argv=None) -> dict:
     while True:
         jobs = [j for j in plan(cfg, P, arms, store) if j["kind"] in stages]
         pending = [j for j in jobs if store.status(j) != "done" and j["name"] not in failed]
-        ready = [j for j in pending if all(store.result(a) is not None and not store.locked(a) for a in j["after"])
+        ready = [j for j in pending if all(store.result(a) is not None and not store.locked(a) and a not in failed
+                                           for a in j["after"])
                  and not store.locked(j["name"])]  # a finished run locked: another process rebuilds its model
         if not ready:
             unfinished = cfg.wait and any(store.status(j) != "done" for j in plan(cfg, P, arms, store))
@@ -1291,6 +1298,9 @@ def main(argv=None) -> dict:
                         continue
                     try:
                         rebuilt_s = rebuild(made, job["pretrained"], store, P, cfg, files, val, device)
+                    except RuntimeError:
+                        failed.add(job["pretrained"])  # not remade: its other evaluations are not tried here either
+                        raise
                     finally:
                         store.release(job["pretrained"])
                     t0 = time.perf_counter()  # the evaluation's own time; the rebuild's is stored beside it

@@ -188,6 +188,21 @@ def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
     assert F.best_finetune_lr(Store(), P, "sst2", pt)["lr"] == 6e-3
 
 
+def test_a_lock_counts_while_its_process_lives(tmp_path):
+    """A run's lock holds while the process that wrote it lives; one left by a process that died
+    (a stopped worker, a stopped rebuild) neither blocks the runs that need it nor its own run."""
+    import subprocess
+    import sys
+
+    store = F.Store(str(tmp_path), {}, "refuse")  # makes its runs/ folder
+    assert not store.locked("pt/kbert/s1000/seed0") and store.claim("pt/kbert/s1000/seed0")
+    assert store.locked("pt/kbert/s1000/seed0")  # this process
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(store.path("pt/kbert/s1000/seed1", ".lock"), "w") as f:
+        f.write(dead.stdout.strip())
+    assert not store.locked("pt/kbert/s1000/seed1") and store.claim("pt/kbert/s1000/seed1")
+
+
 def test_budgets_restricts_the_plan_to_the_budgets_given():
     """--frontier.budgets plans only those budgets (an ablation judged at the smallest), with the
     smallest budget's extras (the baselines' sweep, the second seeds) still where they belong;
@@ -464,7 +479,7 @@ def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_pat
     assert v1[2] != v2[2]
 
 
-def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, tmp_path, tok):
+def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, tmp_path, tok, capsys):
     """BLiMP and finetuning stages at smoke size for KBERT and ModernBERT: the same finetuner.py
     command for a KBERT export and a transformers folder, per-seed metrics stored, GLUE-small
     and BLiMP in the report."""
@@ -522,12 +537,16 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     assert os.path.isdir(stored["result"]["model"]) and not list((tmp_path / "work" / "rebuild").iterdir())
     assert "val_loss" in (tmp_path / "record" / "logs" / "rebuild" / "pt_kbert_s6_seed0.txt").read_text()
     assert json.loads(made.read_text()) == stored  # its stored run stands, and with it every other evaluation
-    # one that does not end as stored (here: a stored run of other code, kept) is refused and leaves no model behind
+    # one that does not end as stored (here: a stored run of other code, kept) is refused and leaves no model behind;
+    # it is tried once, not once for each of its evaluations
     shutil.rmtree(stored["result"]["model"])
     (runs_dir / "ft__rte__kbert__s6__seed0.json").unlink()
+    (runs_dir / "ft__stsb__kbert__s6__seed0.json").unlink()
+    capsys.readouterr()
     made.write_text(json.dumps(stored | {"key": stored["key"] | {"code": "other"},
                                          "result": stored["result"] | {"final_val_loss": 9.5}}))
     F.main(args + ["--frontier.rebuild", "true", "--frontier.on_change", "keep"])
     failed = (runs_dir / "ft__rte__kbert__s6__seed0.failed").read_text()
     assert "pretrained again ends at validation loss" in failed and "not at its stored 9.5" in failed
+    assert capsys.readouterr().out.count("== rebuilding pt/kbert/s6/seed0") == 1
     assert not os.path.exists(stored["result"]["model"])
