@@ -128,7 +128,7 @@ class Finetune:
     lrs: tuple = ()
     # tried in turn, per model and task, while the best median is the highest lr run so far, so that each task's best
     # is bracketed from above (the same rule for every arm, as the baselines' pretraining sweep is bracketed). Not
-    # below: where the lowest lr was best, every lr scored within ~1 point of the task's majority class
+    # below: where the lowest lr was best, no lr scored more than ~1 point above the task's majority class
     # (records/2026-12-05-cpu-frontier/README.md)
     extend: tuple = ()
     epochs: float = 3.0
