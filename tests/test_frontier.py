@@ -462,7 +462,7 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
     assert "== pt/" not in capsys.readouterr().out
 
 
-def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_path, monkeypatch):
+def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_path, monkeypatch, tok):
     """What the fairness assertions above rest on: an arm that read its rows in another order
     or was scored on other masks would record other digests."""
     F.main(smoke + ["--frontier.arms", "kbert", "--frontier.stages", "corpus"])  # the corpus only
