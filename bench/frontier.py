@@ -533,12 +533,13 @@ ABLATIONS = [
 ARM_BY_NAME = {a.name: a for a in ARMS + ABLATIONS}
 
 
-def rebuild(made: dict, name: str, store, P: Preset, cfg: FrontierConfig, files: dict, val, device) -> float:
+def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val, device) -> float:
     """Pretrain a stored run again whose model folder is gone, in a scratch folder, and move the
     model into place only if it ends exactly as stored (final validation loss, rows, masks): its
     stored evaluations then stand. A run stored under another key (kept by --frontier.on_change
     keep) is tried too: the end it must reach is the test, not the key. Returns the seconds it took."""
-    job = {**made["key"]["job"], "name": name}
+    job = made["key"]["job"]  # the pretraining job as it was stored, name included
+    name = job["name"]
     if made["key"] != store.job_key(job):
         print(f"{name} was made with another code, config or data (commit {made.get('commit')}): its rebuild counts only "
               "if it ends exactly as stored", flush=True)
@@ -546,11 +547,13 @@ def rebuild(made: dict, name: str, store, P: Preset, cfg: FrontierConfig, files:
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"== rebuilding {name}: its model folder {made['result']['model']} is gone", flush=True)
     t0 = time.perf_counter()
-    again = pretrain(job, P, dataclasses.replace(cfg, work_dir=scratch), files, val, device, os.path.join(scratch, "logs"))
+    # the record keeps the rebuild's log beside the original's
+    again = pretrain(job, P, dataclasses.replace(cfg, work_dir=scratch), files, val, device,
+                     os.path.join(cfg.out, "logs", "rebuild"))
     stored = made["result"]
-    same = [again[k] == stored[k] for k in ("final_val_loss", "data_digest", "val_digest")]
-    if not all(same):
+    if any(again[k] != stored[k] for k in ("final_val_loss", "data_digest", "val_digest")):
         shutil.rmtree(scratch)
+        os.remove(os.path.join(cfg.out, again["log"]))
         raise RuntimeError(f"{name} pretrained again ends at validation loss {again['final_val_loss']!r} (data "
                            f"{again['data_digest']}, masks {again['val_digest']}), not at its stored "
                            f"{stored['final_val_loss']!r} ({stored['data_digest']}, {stored['val_digest']}): its "
@@ -558,10 +561,6 @@ def rebuild(made: dict, name: str, store, P: Preset, cfg: FrontierConfig, files:
                            f"{job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo")
     os.makedirs(os.path.dirname(stored["model"]), exist_ok=True)
     os.replace(again["model"], stored["model"])
-    logs = os.path.join(cfg.out, "logs", "rebuild")  # the record keeps the rebuild's log beside the original's
-    os.makedirs(logs, exist_ok=True)
-    shutil.copyfile(os.path.join(scratch, "logs", f"{name.replace('/', '_')}.txt"),
-                    os.path.join(logs, f"{name.replace('/', '_')}.txt"))
     shutil.rmtree(scratch)
     seconds = round(time.perf_counter() - t0, 3)
     print(f"== rebuilt {name} in {seconds:.0f} s: validation loss {again['final_val_loss']:.6f} as stored", flush=True)
@@ -670,7 +669,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     budget by budget (so an interrupted record holds whole budgets), each budget's
     pretraining (the baselines' sweep at the smallest; there and at cfg.seed_budgets, a second seed
     for the KBERT arms with second_seed and the best baseline), then BLiMP and finetuning of its
-    reported models; last, the finetuning sweep's extension (finetune_lrs).
+    reported models; last, the finetuning sweep's extension (finetune_runs).
     A job: {"name", "kind", ..., "after": the runs it needs}."""
     # the finetuning lr sweep runs after every budget's runs at the protocol's lr, its extension upward last
     jobs, sweep, extend = [], [], []
@@ -716,7 +715,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                            "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
                 extend += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
                             "after": [pt]} for task in P.finetune.tasks
-                           for lr in finetune_lrs(store, P, task, pt)[1 + len(P.finetune.lrs):]]
+                           for lr in list(finetune_runs(store, P, task, pt))[1 + len(P.finetune.lrs):]]
     return jobs + sweep + extend
 
 
@@ -858,13 +857,10 @@ class Store:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(open(lock).read() or 0)
-                os.kill(pid, 0)
+            if self.locked(name):
                 return False  # a live process works on it
-            except (ValueError, ProcessLookupError, PermissionError):
-                os.remove(lock)  # left by a process that died
-                return self.claim(name)
+            self.release(name)  # left by a process that died
+            return self.claim(name)
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         return True
@@ -881,7 +877,7 @@ class Store:
             pid = int(open(self.path(name, ".lock")).read() or 0)
             os.kill(pid, 0)
             return True
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):  # as claim() reads a lock
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return False
 
     def save(self, job: dict, result: dict, model_stamp: str | None = None):
@@ -924,35 +920,34 @@ def task_median(task: str, per_seed: dict) -> float:
     return float(np.median([headline(task, r) for r in per_seed.values()]))
 
 
-def finetune_lrs(store, P: Preset, task: str, pt: str) -> list[float]:
-    """The finetuning lrs of one task on one pretrained model: the protocol's lr and the sweep,
-    then P.finetune.extend's lrs one at a time while the best median so far is the highest lr
-    run (each waits for the one below it)."""
-    lrs = [P.finetune.lr, *P.finetune.lrs]
+def finetune_runs(store, P: Preset, task: str, pt: str) -> dict:
+    """The finetuning lrs of one task on one pretrained model, each with its stored result (None
+    while not run): the protocol's lr and the sweep, then P.finetune.extend's lrs one at a time
+    while the best median so far is the highest lr run (each waits for the ones below it)."""
+    runs = {lr: store.result(ft_name(task, pt, None if lr == P.finetune.lr else lr)) for lr in (P.finetune.lr, *P.finetune.lrs)}
     for lr in P.finetune.extend:
-        runs = {x: store.result(ft_name(task, pt, None if x == P.finetune.lr else x)) for x in lrs}
         if any(r is None for r in runs.values()):
             break
         medians = {x: task_median(task, r["per_seed"]) for x, r in runs.items()}
-        if max(medians, key=medians.get) != max(lrs):  # max keeps the first of equals
+        if max(medians, key=medians.get) != max(runs):  # max keeps the first of equals
             break
-        lrs.append(lr)
-    return lrs
+        runs[lr] = store.result(ft_name(task, pt, lr))
+    return runs
 
 
 def best_finetune_lr(store, P: Preset, task: str, pt: str) -> dict | None:
     """The finetuning sweep of one task on one pretrained model: {"lr", "per_seed", "medians",
     "open"} of the lr whose median is best (the first of equals, the protocol's lr first); None
-    until every lr of the sweep has finished. An lr of the extension upward that is planned but not
-    run (say, its model folder was lost) leaves the best as it stands, with "open": that lr."""
-    lrs = finetune_lrs(store, P, task, pt)
-    runs = {lr: store.result(ft_name(task, pt, None if lr == P.finetune.lr else lr)) for lr in lrs}
-    if any(runs[lr] is None for lr in lrs[:1 + len(P.finetune.lrs)]):
+    until every lr of the sweep has finished. The extension's lr planned last and not run (say, its
+    model folder was lost) leaves the best as it stands, with "open": that lr."""
+    runs = finetune_runs(store, P, task, pt)
+    done = {lr: r for lr, r in runs.items() if r is not None}
+    if len(done) < 1 + len(P.finetune.lrs):
         return None
-    missing = [lr for lr in lrs if runs[lr] is None]
-    medians = {lr: task_median(task, r["per_seed"]) for lr, r in runs.items() if r is not None}
+    medians = {lr: task_median(task, r["per_seed"]) for lr, r in done.items()}
     best = max(medians, key=lambda lr: medians[lr])  # max keeps the first of equals
-    return {"lr": best, "per_seed": runs[best]["per_seed"], "medians": medians, "open": missing[0] if missing else None}
+    return {"lr": best, "per_seed": runs[best]["per_seed"], "medians": medians,
+            "open": None if len(done) == len(runs) else max(runs)}
 
 
 def crossing(curve: list[dict], target: float, key: str) -> float | None:
@@ -1297,7 +1292,7 @@ def main(argv=None) -> dict:
                     if not store.claim(job["pretrained"]):  # another process is rebuilding it: this run waits
                         continue
                     try:
-                        rebuilt_s = rebuild(made, job["pretrained"], store, P, cfg, files, val, device)
+                        rebuilt_s = rebuild(made, store, P, cfg, files, val, device)
                     except RuntimeError:
                         failed.add(job["pretrained"])  # not remade: its other evaluations are not tried here either
                         raise

@@ -164,8 +164,8 @@ def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
                                      for s in "012"}}
             return None
 
-    assert F.finetune_lrs(Store(), P, "stsb", pt) == [P.finetune.lr, *P.finetune.lrs]
-    assert F.finetune_lrs(Store(), P, "sst2", pt) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
+    assert list(F.finetune_runs(Store(), P, "stsb", pt)) == [P.finetune.lr, *P.finetune.lrs]
+    assert list(F.finetune_runs(Store(), P, "sst2", pt)) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
     jobs = F.plan(F.FrontierConfig(stages="pretrain,blimp,finetune"), P, [F.ARM_BY_NAME["kbert"]], Store())
     extended = [j for j in jobs if j.get("lr") in P.finetune.extend]
     assert [j["name"] for j in extended] == [f"ft/sst2/{b[3:]}/flr0.02" for b in
@@ -178,13 +178,13 @@ def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
     assert F.task_cell(entry, "sst2") == "10.0 -> 41.0 (0.006, top, 0.02 not run)"
 
     scores[2e-2] = 45.0  # better again: 6e-2 follows, and once it is worse the best is bracketed at 2e-2
-    assert F.finetune_lrs(Store(), P, "sst2", pt)[-2:] == [2e-2, 6e-2]
+    assert list(F.finetune_runs(Store(), P, "sst2", pt))[-2:] == [2e-2, 6e-2]
     scores[6e-2] = 44.0
     best = F.best_finetune_lr(Store(), P, "sst2", pt)
     assert best["lr"] == 2e-2 and best["open"] is None and best["medians"][6e-2] == 45.0
     assert F.task_cell({"tasks": {}, "tasks_best": {"sst2": best}}, "sst2") == "- -> 46.0 (0.02)"
     scores[2e-2] = 40.0  # no better than 6e-3 (the first of equals wins): bracketed, nothing more
-    assert F.finetune_lrs(Store(), P, "sst2", pt) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
+    assert list(F.finetune_runs(Store(), P, "sst2", pt)) == [P.finetune.lr, *P.finetune.lrs, 2e-2]
     assert F.best_finetune_lr(Store(), P, "sst2", pt)["lr"] == 6e-3
 
 
