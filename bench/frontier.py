@@ -877,7 +877,9 @@ class Store:
             pid = int(open(self.path(name, ".lock")).read() or 0)
             os.kill(pid, 0)
             return True
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        except PermissionError:  # alive, but another user's: still its run
+            return True
+        except (FileNotFoundError, ValueError, ProcessLookupError):
             return False
 
     def save(self, job: dict, result: dict, model_stamp: str | None = None):

@@ -188,9 +188,10 @@ def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
     assert F.best_finetune_lr(Store(), P, "sst2", pt)["lr"] == 6e-3
 
 
-def test_a_lock_counts_while_its_process_lives(tmp_path):
+def test_a_lock_counts_while_its_process_lives(tmp_path, monkeypatch):
     """A run's lock holds while the process that wrote it lives; one left by a process that died
-    (a stopped worker, a stopped rebuild) neither blocks the runs that need it nor its own run."""
+    (a stopped worker, a stopped rebuild) neither blocks the runs that need it nor its own run; one
+    whose process lives under another user (os.kill's PermissionError) still holds."""
     import subprocess
     import sys
 
@@ -201,6 +202,10 @@ def test_a_lock_counts_while_its_process_lives(tmp_path):
     with open(store.path("pt/kbert/s1000/seed1", ".lock"), "w") as f:
         f.write(dead.stdout.strip())
     assert not store.locked("pt/kbert/s1000/seed1") and store.claim("pt/kbert/s1000/seed1")
+    with open(store.path("pt/kbert/s1000/seed2", ".lock"), "w") as f:
+        f.write("1")  # a live process that this user may not signal (os.kill raises PermissionError)
+    monkeypatch.setattr(F.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "not permitted")))
+    assert store.locked("pt/kbert/s1000/seed2") and not store.claim("pt/kbert/s1000/seed2")
 
 
 def test_budgets_restricts_the_plan_to_the_budgets_given():
