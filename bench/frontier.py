@@ -874,8 +874,9 @@ class Store:
     def locked(self, name: str) -> bool:
         """Held by a live process (a lock left by a process that died, say a stopped rebuild, is not)."""
         try:
-            pid = int(open(self.path(name, ".lock")).read() or 0)
-            os.kill(pid, 0)
+            text = open(self.path(name, ".lock")).read()
+            if text:  # empty: a claim between creating the file and writing its pid, held
+                os.kill(int(text), 0)
             return True
         except PermissionError:  # alive, but another user's: still its run
             return True

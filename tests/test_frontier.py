@@ -202,9 +202,14 @@ def test_a_lock_counts_while_its_process_lives(tmp_path, monkeypatch):
     with open(store.path("pt/kbert/s1000/seed1", ".lock"), "w") as f:
         f.write(dead.stdout.strip())
     assert not store.locked("pt/kbert/s1000/seed1") and store.claim("pt/kbert/s1000/seed1")
+    open(store.path("pt/kbert/s1000/seed3", ".lock"), "w").close()  # claimed, its pid not written yet
+    assert store.locked("pt/kbert/s1000/seed3") and not store.claim("pt/kbert/s1000/seed3")
     with open(store.path("pt/kbert/s1000/seed2", ".lock"), "w") as f:
         f.write("1")  # a live process that this user may not signal (os.kill raises PermissionError)
-    monkeypatch.setattr(F.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "not permitted")))
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(F.os, "kill", kill)
     assert store.locked("pt/kbert/s1000/seed2") and not store.claim("pt/kbert/s1000/seed2")
 
 
