@@ -36,7 +36,9 @@ kbert-nounet (no U-net skips), kbert-wd (weight decay 0.05 on the hidden matrice
 records/2026-12-06-weight-decay; the 2026-12-05 record's kbert runs predate it).
 --frontier.budgets plans a subset of the budgets, e.g. `--frontier.arms kbert-nounet --frontier.budgets 1000`;
 --frontier.seed_budgets adds the second pretraining seed at larger budgets, e.g. `--frontier.arms
-kbert-wd,modernbert --frontier.budgets 2000 --frontier.seed_budgets 2000`.
+kbert-wd,modernbert --frontier.budgets 2000 --frontier.seed_budgets 2000`. --frontier.floor true adds
+each recipe's model as initialized (0 steps), through BLiMP and the whole finetuning sweep: the floor
+that shows what pretraining adds downstream, e.g. `--frontier.arms kbert,modernbert,bert --frontier.floor true`.
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -110,6 +112,10 @@ class FrontierConfig:
     # again before its next evaluation, and must end exactly where its stored result ended (final validation loss,
     # rows and masks); false: that evaluation fails, saying how to remake the model
     rebuild: bool = False
+    # also score each model as initialized (0 pretraining steps, the first seed): BLiMP and the whole finetuning sweep,
+    # so that the record shows what pretraining adds downstream at all. One per distinct initial model: the first
+    # planned arm of each recipe (and of each KBERT model override; kbert-wd, -sep and -mask30 start as kbert does)
+    floor: bool = False
     # keep polling until every planned run (of any stage) is done, e.g. a second process that only finetunes
     # (--frontier.stages blimp,finetune) beside one that pretrains; false: stop when nothing is ready
     wait: bool = False
@@ -358,7 +364,7 @@ def kbert_setup(arm: Arm, P: Preset, steps: int, seed: int, device, work: str, n
     """trainer.py's own config (scaled to the preset), optimizer and train_step."""
     argv = ["--model.preset", "tiny", "--model.n_layer", str(P.n_layer), "--model.d_model", str(P.d_model),
             "--model.n_head", str(max(1, P.d_model // 64)), "--model.d_mlp", str(P.d_model * 8 // 3 // 32 * 32),  # base's ratio
-            "--data.seq_len", str(P.seq_len), "--train.steps", str(steps), "--train.seed", str(seed),
+            "--data.seq_len", str(P.seq_len), "--train.steps", str(max(steps, 1)), "--train.seed", str(seed),  # 0: a floor
             "--train.batch_tokens", str(P.batch_seqs * P.seq_len), "--train.micro_batch_seqs", str(P.micro_seqs),
             "--train.compile", "true" if P.compile else "false", "--train.export_dir", os.path.join(work, "models"),
             "--train.run_id", name.replace("/", "_")]
@@ -395,7 +401,7 @@ def baseline_setup(arm: Arm, P: Preset, steps: int, lr: float, seed: int, device
     recipe = arm.recipe
     model = baselines.build(recipe, P.d_model, P.n_layer, P.seq_len, seed=seed).to(device)
     model.train()
-    opt = baselines.optimizer(model, recipe, lr)
+    opt = baselines.optimizer(model, recipe, lr) if steps else None  # a floor (0 steps) has no lr
     R = baselines.RECIPES[recipe]
     bf16 = trainer.compute_dtype("auto", device.type) == torch.bfloat16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -669,11 +675,30 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
     budget by budget (so an interrupted record holds whole budgets), each budget's
     pretraining (the baselines' sweep at the smallest; there and at cfg.seed_budgets, a second seed
     for the KBERT arms with second_seed and the best baseline), then BLiMP and finetuning of its
-    reported models; last, the finetuning sweep's extension (finetune_runs).
+    reported models; last, the finetuning sweep's extension (finetune_runs). With cfg.floor, the
+    initial models (floor_arms) come first, as a budget of 0 steps.
     A job: {"name", "kind", ..., "after": the runs it needs}."""
     # the finetuning lr sweep runs after every budget's runs at the protocol's lr, its extension upward last
     jobs, sweep, extend = [], [], []
     stages = set(cfg.stages.split(","))
+
+    def evaluations(pt: str):
+        nonlocal jobs, sweep, extend
+        if "blimp" in stages:
+            jobs.append({"name": f"blimp/{pt[3:]}", "kind": "blimp", "pretrained": pt, "after": [pt]})
+        if "finetune" in stages:
+            jobs += [{"name": ft_name(task, pt), "kind": "finetune", "task": task, "pretrained": pt, "after": [pt]}
+                     for task in P.finetune.tasks]
+            sweep += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
+                       "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
+            extend += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
+                        "after": [pt]} for task in P.finetune.tasks
+                       for lr in list(finetune_runs(store, P, task, pt))[1 + len(P.finetune.lrs):]]
+
+    for arm in floor_arms(arms) if cfg.floor else []:
+        name = job_name(arm.name, 0, P.seeds[0], None)
+        jobs.append({"name": name, "kind": "pretrain", "arm": arm.name, "steps": 0, "seed": P.seeds[0], "after": []})
+        evaluations(name)
     # the sweeps and the record's best baseline (among all its recipes, whichever arms this process plans: once, a
     # process given only bert among the baselines started a second BERT seed), read once from the store
     sweeps = {arm.name: best_lr(store, arm, P, P.seeds[0]) for arm in arms if arm.recipe != "kbert"}
@@ -706,17 +731,17 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                     jobs.append(job)
                 reported.append(name)
         for pt in reported:
-            if "blimp" in stages:
-                jobs.append({"name": f"blimp/{pt[3:]}", "kind": "blimp", "pretrained": pt, "after": [pt]})
-            if "finetune" in stages:
-                jobs += [{"name": ft_name(task, pt), "kind": "finetune", "task": task, "pretrained": pt, "after": [pt]}
-                         for task in P.finetune.tasks]
-                sweep += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
-                           "after": [pt]} for lr in P.finetune.lrs for task in P.finetune.tasks]
-                extend += [{"name": ft_name(task, pt, lr), "kind": "finetune", "task": task, "pretrained": pt, "lr": lr,
-                            "after": [pt]} for task in P.finetune.tasks
-                           for lr in list(finetune_runs(store, P, task, pt))[1 + len(P.finetune.lrs):]]
+            evaluations(pt)
     return jobs + sweep + extend
+
+
+def floor_arms(arms: list[Arm]) -> list[Arm]:
+    """One arm per distinct initial model, the first planned of each: arms that differ only in
+    training or data (kbert-wd, kbert-sep, kbert-mask30 against kbert) start from the same model."""
+    first = {}
+    for arm in arms:
+        first.setdefault((arm.recipe, arm.model), arm)
+    return list(first.values())
 
 
 def budget_list(cfg: FrontierConfig, P: Preset, field: str = "budgets") -> list[int]:
@@ -975,9 +1000,9 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                 continue  # its sweep is unfinished: nothing of this arm is reported yet
             sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
                                                   {}).get("final_val_loss")} for x in lrs]
-        for steps in P.budgets:
+        for steps in (0, *P.budgets):  # 0: the initial model (--frontier.floor), where it was scored
             for seed in P.seeds:  # the second seed where it was run (the smallest budget, and --frontier.seed_budgets)
-                name = job_name(arm.name, steps, seed, lr)
+                name = job_name(arm.name, steps, seed, lr if steps else None)
                 pt = store.result(name)
                 if pt is None:
                     continue
@@ -988,7 +1013,8 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                 sweep_cols = {"tasks_best": best, "glue_small_best": glue_small(best) if len(best) == len(
                     P.finetune.tasks) else None} if P.finetune.lrs else {}
                 entries.append({
-                    "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed, "lr": lr,
+                    "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed,
+                    "lr": lr if steps else None,
                     "params": pt["params"], "tokens": pt["tokens"], "flops": pt["flops"], "wall_s": pt["wall_s"],
                     "cpu_s": pt["cpu_s"], "compile_s": pt.get("compile_s", 0.0), "final_val_loss": pt["final_val_loss"],
                     "unigram_loss": unigram["unigram_loss"],
@@ -998,7 +1024,7 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                     "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
                     "log": pt["log"], "threads": pt.get("threads"), **sweep_cols})
     # per budget and pretraining seed: where each curve reaches the best baseline's final loss
-    for steps, seed in {(e["budget_steps"], e["seed"]) for e in entries}:
+    for steps, seed in {(e["budget_steps"], e["seed"]) for e in entries if e["budget_steps"]}:
         at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == seed]
         base = [e for e in at if e["recipe"] != "kbert" and math.isfinite(e["final_val_loss"])]
         if not base:
@@ -1039,6 +1065,8 @@ def glue_cell(g: dict | None, none="-") -> str:
 
 def ratio_cell(e: dict) -> str:
     """Tokens / wall time to the best baseline's final loss, as a fraction of the baseline's."""
+    if not e["budget_steps"]:
+        return "- (no pretraining)"
     if "token_ratio" not in e:
         return "- (no baseline of this seed)"
     return f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}"
@@ -1046,6 +1074,12 @@ def ratio_cell(e: dict) -> str:
 
 def blimp_cell(e: dict, none="-") -> str:
     return fmt(100 * e["blimp"] if e["blimp"] is not None else None, ".1f", none)
+
+
+def loss_note(e: dict, bar: str) -> str:
+    if not e["budget_steps"]:
+        return " (initialization)"
+    return "" if e["past_unigram"] else f" (not past {bar})"
 
 
 def md_rows(head: list[str], rows: list[list[str]]) -> str:
@@ -1062,7 +1096,7 @@ def table(entries: list[dict]) -> str:
             "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
     lines = [md_rows(head, [[
         e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
-        f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past unigram - 0.5)"),
+        f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + loss_note(e, "unigram - 0.5"),
         ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
         blimp_cell(e), *[task_cell(e, t) for t in tasks]]
         for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"]))])]
@@ -1085,11 +1119,12 @@ def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", 
         arm = ARM_BY_NAME.get(e["arm"], Arm(e["arm"], e["recipe"], ""))  # a KBERT arm's lr cell: its overrides
         overrides = ["[SEP] ends each document"] * arm.sep + [f"{k} {v}" for k, v in arm.model + arm.train]
         settings = fmt(e["lr"], "g") if e["lr"] is not None else ", ".join(overrides) or "defaults"
+        settings = settings if e["budget_steps"] else "initialization (no pretraining)"
         ratio = ratio_cell(e) if e["recipe"] == "kbert" else (
             "(the baseline)" if e["arm"] == e.get("best_baseline", {}).get("arm") else "-")
         rows.append([
             e["arm"], f"{e['tokens'] / 1e6:.1f}M" if e["tokens"] >= 1e6 else f"{e['tokens']:,}", str(e["seed"]), settings,
-            f"{e['final_val_loss']:.3f}" + ("" if e["past_unigram"] else " (not past the bar)"), ratio,
+            f"{e['final_val_loss']:.3f}" + loss_note(e, "the bar"), ratio,
             glue_cell(e["glue_small"], "not run"), glue_cell(e.get("glue_small_best"), "not run"), blimp_cell(e, "not run"),
             *[task_cell(e, t) for t in tasks]])
     return md_rows(head, rows)
@@ -1108,18 +1143,21 @@ def plot(entries: list[dict], path: str):
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.7 * len(metrics), 5))
     colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(e["arm"] for e in entries))}  # one per arm in every panel
     for ax, (key, label) in zip(axes, metrics):
+
+        def val(e):
+            v = e.get(key)
+            if key.startswith("glue_small"):
+                return v["median"] if v else None
+            return 100 * v if key == "blimp" and v is not None else v
+
         for arm in colors:
             pts = sorted([e for e in entries if e["arm"] == arm], key=lambda e: e["flops"])
+            for e in pts:  # the initial model (0 FLOPs, off a log axis): a dotted line, not on the loss panel
+                if not e["budget_steps"] and key != "final_val_loss" and val(e) is not None:
+                    ax.axhline(val(e), ls=":", color=colors[arm], label=f"{arm}, no pretraining")
             xs, ys, lo, hi = [], [], [], []
-            for steps in sorted({e["budget_steps"] for e in pts}):
+            for steps in sorted({e["budget_steps"] for e in pts} - {0}):
                 group = [e for e in pts if e["budget_steps"] == steps]
-
-                def val(e):
-                    v = e.get(key)
-                    if key.startswith("glue_small"):
-                        return v["median"] if v else None
-                    return 100 * v if key == "blimp" and v is not None else v
-
                 vals = [val(e) for e in group if val(e) is not None]
                 if key.startswith("glue_small"):  # the bars: finetuning seeds' range (and pretraining seeds' where there are two)
                     vals += [x for e in group if e.get(key) for x in (e[key]["min"], e[key]["max"])]
@@ -1321,7 +1359,9 @@ def main(argv=None) -> dict:
         print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
     # the whole record: every budget, and a second seed wherever --frontier.seed_budgets or a stored run puts one
     seeded = set(budget_list(cfg, P, "seed_budgets") if cfg.seed_budgets else []) | set(stored_seed_budgets(store, P))
-    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets="",
+    # and the initial models' evaluations wherever one is stored (--frontier.floor)
+    floor = cfg.floor or bool(glob.glob(store.path("pt/*/s0/*")))
+    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets="", floor=floor,
                                     seed_budgets=",".join(map(str, sorted(seeded)))), P, arms, store)
     return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
 

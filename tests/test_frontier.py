@@ -268,6 +268,30 @@ def test_budgets_restricts_the_plan_to_the_budgets_given():
         assert F.waiting_for_sweep(F.FrontierConfig(budgets=budgets), P, arms, store) == []
 
 
+def test_the_floor_scores_each_initial_model_once_before_the_budgets():
+    """--frontier.floor plans each distinct initial model (0 steps, the first seed) with BLiMP and
+    the whole finetuning sweep, ahead of the budgets' runs: arms that differ only in training or
+    data share kbert's; no U-net skips is another model; a baseline's floor needs no lr."""
+    P = F.PRESETS["cpu"]
+    arms = [F.ARM_BY_NAME[a] for a in ("kbert-wd", "kbert-sep", "kbert-mask30", "kbert-nounet", "modernbert", "bert")]
+
+    class Pretrained:  # every pretraining run finished, each baseline's sweep best at 1e-3
+        def result(self, name):
+            return {"final_val_loss": 4.0 if name.endswith("lr0.001") else 5.0} if name.startswith("pt/") else None
+
+    cfg = F.FrontierConfig(stages="pretrain,blimp,finetune", budgets="2000", floor=True)
+    jobs = F.plan(cfg, P, arms, Pretrained())
+    names = [j["name"] for j in jobs]
+    floors = [j for j in jobs if j["kind"] == "pretrain" and j["steps"] == 0]
+    assert [j["name"] for j in floors] == ["pt/kbert-wd/s0/seed0", "pt/kbert-nounet/s0/seed0", "pt/modernbert/s0/seed0",
+                                           "pt/bert/s0/seed0"]
+    assert all("lr" not in j for j in floors)
+    assert names.index("pt/bert/s0/seed0") < names.index("pt/kbert-wd/s2000/seed0")
+    for pt in ("kbert-wd/s0/seed0", "modernbert/s0/seed0"):
+        assert {f"blimp/{pt}", f"ft/rte/{pt}", f"ft/cola/{pt}/flr0.006"} <= set(names)
+    assert not [n for n in F.plan(dataclasses.replace(cfg, floor=False), P, arms, Pretrained()) if "/s0/" in n["name"]]
+
+
 def test_a_report_plans_the_second_seeds_it_finds_stored(tmp_path):
     """A report's counts and core-hours follow its plan: a second pretraining seed stored past the
     smallest budget puts that budget among the seeded ones, without --frontier.seed_budgets."""
@@ -513,10 +537,15 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
                                 "sentence_good": good, "sentence_bad": bad}) + "\n")
     args = smoke + ["--frontier.arms", "kbert,modernbert", "--frontier.glue_dir", str(glue),
                     "--frontier.blimp_file", str(tmp_path / "blimp.jsonl"),
-                    "--frontier.stages", "corpus,pretrain,blimp,finetune,report"]
+                    "--frontier.stages", "corpus,pretrain,blimp,finetune,report", "--frontier.floor", "true"]
     report = F.main(args)
     P = F.PRESETS["smoke"]
     seeds = P.finetune.seeds.split(",")
+    # the floor: each recipe's model as initialized, scored like the pretrained ones and shown as such
+    floors = [e for e in report["entries"] if e["budget_steps"] == 0]
+    assert [(e["arm"], e["tokens"], e["flops"], e["lr"]) for e in floors] == [("kbert", 0, 0, None), ("modernbert", 0, 0, None)]
+    assert all(e["final_val_loss"] > e["unigram_loss"] and "token_ratio" not in e for e in floors)
+    assert (tmp_path / "record" / "results.md").read_text().count("initialization (no pretraining)") == 2
     for e in report["entries"]:
         assert e["tasks"].keys() == set(P.finetune.tasks), e["arm"]
         assert all(set(per) == set(seeds) for per in e["tasks"].values())
