@@ -37,8 +37,8 @@ records/2026-12-06-weight-decay; the 2026-12-05 record's kbert runs predate it).
 --frontier.budgets plans a subset of the budgets, e.g. `--frontier.arms kbert-nounet --frontier.budgets 1000`;
 --frontier.seed_budgets adds the second pretraining seed at larger budgets, e.g. `--frontier.arms
 kbert-wd,modernbert --frontier.budgets 2000 --frontier.seed_budgets 2000`. --frontier.floor true adds
-each recipe's model as initialized (0 steps), through BLiMP and the whole finetuning sweep: the floor
-that shows what pretraining adds downstream, e.g. `--frontier.arms kbert,modernbert,bert --frontier.floor true`.
+each distinct initial model (0 steps), through BLiMP and the whole finetuning sweep: the floor that
+shows what pretraining adds downstream, e.g. `--frontier.arms kbert,modernbert,bert --frontier.floor true`.
 
 Resumable: every pretraining, BLiMP and finetuning run stores its result in the record's
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
@@ -563,14 +563,20 @@ def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val,
         raise RuntimeError(f"{name} pretrained again ends at validation loss {again['final_val_loss']!r} (data "
                            f"{again['data_digest']}, masks {again['val_digest']}), not at its stored "
                            f"{stored['final_val_loss']!r} ({stored['data_digest']}, {stored['val_digest']}): its "
-                           f"evaluations would not score the model they scored; pretrain it anew with --frontier.arms "
-                           f"{job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo")
+                           f"evaluations would not score the model they scored; pretrain it anew: {anew(job, store)}")
     os.makedirs(os.path.dirname(stored["model"]), exist_ok=True)
     os.replace(again["model"], stored["model"])
     shutil.rmtree(scratch)
     seconds = round(time.perf_counter() - t0, 3)
     print(f"== rebuilt {name} in {seconds:.0f} s: validation loss {again['final_val_loss']:.6f} as stored", flush=True)
     return seconds
+
+
+def anew(job: dict, store) -> str:
+    """How to pretrain a stored run anew (its stored evaluations then run again)."""
+    if job["steps"]:
+        return f"--frontier.arms {job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo"
+    return f"remove {store.path(job['name'])} and rerun with --frontier.arms {job['arm']} --frontier.floor true"
 
 
 def wait_while_paused(cfg: FrontierConfig):
@@ -670,13 +676,13 @@ def best_baseline(store, arms: list[Arm], P: Preset) -> Arm | None:
     return ARM_BY_NAME[min(found)[1]] if found else None
 
 
-def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
+def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store, floors: list[Arm] | None = None) -> list[dict]:
     """Every run the record needs that its inputs allow today, in the order they should run:
     budget by budget (so an interrupted record holds whole budgets), each budget's
     pretraining (the baselines' sweep at the smallest; there and at cfg.seed_budgets, a second seed
     for the KBERT arms with second_seed and the best baseline), then BLiMP and finetuning of its
-    reported models; last, the finetuning sweep's extension (finetune_runs). With cfg.floor, the
-    initial models (floor_arms) come first, as a budget of 0 steps.
+    reported models; last, the finetuning sweep's extension (finetune_runs). The initial models
+    (`floors`; default: floor_arms(arms) with cfg.floor) come first, as a budget of 0 steps.
     A job: {"name", "kind", ..., "after": the runs it needs}."""
     # the finetuning lr sweep runs after every budget's runs at the protocol's lr, its extension upward last
     jobs, sweep, extend = [], [], []
@@ -695,7 +701,7 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
                         "after": [pt]} for task in P.finetune.tasks
                        for lr in list(finetune_runs(store, P, task, pt))[1 + len(P.finetune.lrs):]]
 
-    for arm in floor_arms(arms) if cfg.floor else []:
+    for arm in (floor_arms(arms) if cfg.floor else []) if floors is None else floors:
         name = job_name(arm.name, 0, P.seeds[0], None)
         jobs.append({"name": name, "kind": "pretrain", "arm": arm.name, "steps": 0, "seed": P.seeds[0], "after": []})
         evaluations(name)
@@ -736,11 +742,14 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store) -> list[dict]:
 
 
 def floor_arms(arms: list[Arm]) -> list[Arm]:
-    """One arm per distinct initial model, the first planned of each: arms that differ only in
-    training or data (kbert-wd, kbert-sep, kbert-mask30 against kbert) start from the same model."""
+    """One arm per distinct initial model among the arms, named after the first arm of ARMS and
+    ABLATIONS with that model, whichever arms a process is given: arms that differ only in training
+    or data (kbert-wd, kbert-sep, kbert-mask30) start from kbert's model, and share its floor."""
+    models = {(arm.recipe, arm.model) for arm in arms}
     first = {}
-    for arm in arms:
-        first.setdefault((arm.recipe, arm.model), arm)
+    for arm in ARMS + ABLATIONS:
+        if (arm.recipe, arm.model) in models:
+            first.setdefault((arm.recipe, arm.model), arm)
     return list(first.values())
 
 
@@ -992,6 +1001,31 @@ def crossing(curve: list[dict], target: float, key: str) -> float | None:
 
 def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[dict]:
     entries = []
+
+    def add(arm: Arm, steps: int, seed: int, lr: float | None, sweep: list):
+        name = job_name(arm.name, steps, seed, lr)
+        pt = store.result(name)
+        if pt is None:
+            return
+        ft = {t: r for t in P.finetune.tasks if (r := store.result(ft_name(t, name))) is not None}
+        bl = store.result(f"blimp/{name[3:]}")
+        # the finetuning lr sweep: each task at its best lr, once every lr of every task has finished
+        best = {t: b for t in P.finetune.tasks if (b := best_finetune_lr(store, P, t, name)) is not None}
+        sweep_cols = {"tasks_best": best, "glue_small_best": glue_small(best) if len(best) == len(
+            P.finetune.tasks) else None} if P.finetune.lrs else {}
+        entries.append({
+            "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed, "lr": lr,
+            "params": pt["params"], "tokens": pt["tokens"], "flops": pt["flops"], "wall_s": pt["wall_s"],
+            "cpu_s": pt["cpu_s"], "compile_s": pt.get("compile_s", 0.0), "final_val_loss": pt["final_val_loss"],
+            "unigram_loss": unigram["unigram_loss"],
+            "past_unigram": pt["final_val_loss"] <= unigram["unigram_loss"] - 0.5,
+            "tasks": {t: r["per_seed"] for t, r in ft.items()}, "glue_small": glue_small(ft) if len(ft) == len(
+                P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
+            "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
+            "log": pt["log"], "threads": pt.get("threads"), **sweep_cols})
+
+    for arm in floor_arms(arms):  # the initial models (--frontier.floor), where they were scored
+        add(arm, 0, P.seeds[0], None, [])
     for arm in arms:
         lr, sweep = None, []
         if arm.recipe != "kbert":
@@ -1000,29 +1034,9 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
                 continue  # its sweep is unfinished: nothing of this arm is reported yet
             sweep = [{"lr": x, "final_val_loss": (store.result(job_name(arm.name, P.budgets[0], P.seeds[0], x)) or
                                                   {}).get("final_val_loss")} for x in lrs]
-        for steps in (0, *P.budgets):  # 0: the initial model (--frontier.floor), where it was scored
+        for steps in P.budgets:
             for seed in P.seeds:  # the second seed where it was run (the smallest budget, and --frontier.seed_budgets)
-                name = job_name(arm.name, steps, seed, lr if steps else None)
-                pt = store.result(name)
-                if pt is None:
-                    continue
-                ft = {t: r for t in P.finetune.tasks if (r := store.result(ft_name(t, name))) is not None}
-                bl = store.result(f"blimp/{name[3:]}")
-                # the finetuning lr sweep: each task at its best lr, once every lr of every task has finished
-                best = {t: b for t in P.finetune.tasks if (b := best_finetune_lr(store, P, t, name)) is not None}
-                sweep_cols = {"tasks_best": best, "glue_small_best": glue_small(best) if len(best) == len(
-                    P.finetune.tasks) else None} if P.finetune.lrs else {}
-                entries.append({
-                    "arm": arm.name, "recipe": arm.recipe, "what": arm.what, "budget_steps": steps, "seed": seed,
-                    "lr": lr if steps else None,
-                    "params": pt["params"], "tokens": pt["tokens"], "flops": pt["flops"], "wall_s": pt["wall_s"],
-                    "cpu_s": pt["cpu_s"], "compile_s": pt.get("compile_s", 0.0), "final_val_loss": pt["final_val_loss"],
-                    "unigram_loss": unigram["unigram_loss"],
-                    "past_unigram": pt["final_val_loss"] <= unigram["unigram_loss"] - 0.5,
-                    "tasks": {t: r["per_seed"] for t, r in ft.items()}, "glue_small": glue_small(ft) if len(ft) == len(
-                        P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
-                    "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
-                    "log": pt["log"], "threads": pt.get("threads"), **sweep_cols})
+                add(arm, steps, seed, lr, sweep)
     # per budget and pretraining seed: where each curve reaches the best baseline's final loss
     for steps, seed in {(e["budget_steps"], e["seed"]) for e in entries if e["budget_steps"]}:
         at = [e for e in entries if e["budget_steps"] == steps and e["seed"] == seed]
@@ -1095,7 +1109,8 @@ def table(entries: list[dict]) -> str:
             "GLUE-small median [min, max]"] + (["GLUE-small, best finetuning lr per task"] if swept else []) + [
             "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
     lines = [md_rows(head, [[
-        e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults"), f"{e['flops']:.3g}",
+        e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults" if e["budget_steps"] else "- (initialization)"),
+        f"{e['flops']:.3g}",
         f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + loss_note(e, "unigram - 0.5"),
         ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
         blimp_cell(e), *[task_cell(e, t) for t in tasks]]
@@ -1193,7 +1208,8 @@ def core_hours(store: Store, jobs: list[dict]) -> dict:
         r = store.load(j["name"])
         if r is None or "elapsed_s" not in r["result"]:
             continue
-        arm = j["arm"] if j["kind"] == "pretrain" else j["pretrained"].split("/")[1]
+        _, arm, budget, *_ = (j["name"] if j["kind"] == "pretrain" else j["pretrained"]).split("/")  # pt/<arm>/s<steps>/...
+        arm += " (initialization)" if budget == "s0" else ""  # a floor's hours apart from its arm's pretrained models'
         per = hours.setdefault(arm, {"pretrain": 0.0, "blimp": 0.0, "finetune": 0.0})
         per[j["kind"]] += r["result"]["elapsed_s"] / 3600
     return hours
@@ -1325,11 +1341,10 @@ def main(argv=None) -> dict:
                 model_dir, stamp = made["result"]["model"], store.stamp(made)
                 if not os.path.isdir(model_dir):  # models live in the work folder, which a record does not carry
                     if not cfg.rebuild:
-                        arm, steps = made["key"]["job"]["arm"], made["key"]["job"]["steps"]
                         raise OSError(f"{job['pretrained']}'s model folder {model_dir} is gone (--frontier.work_dir is "
                                       "not part of the record): add --frontier.rebuild true to pretrain it again as it was "
-                                      f"made, or pretrain it anew with --frontier.arms {arm} --frontier.budgets {steps} "
-                                      "--frontier.on_change redo, which runs its stored evaluations again too")
+                                      f"made, or pretrain it anew ({anew(made['key']['job'], store)}), which runs its "
+                                      "stored evaluations again too")
                     if not store.claim(job["pretrained"]):  # another process is rebuilding it: this run waits
                         continue
                     try:
@@ -1359,10 +1374,10 @@ def main(argv=None) -> dict:
         print(f"{len(failed)} run(s) failed (runs/*.failed): {sorted(failed)}; rerun the command to retry them")
     # the whole record: every budget, and a second seed wherever --frontier.seed_budgets or a stored run puts one
     seeded = set(budget_list(cfg, P, "seed_budgets") if cfg.seed_budgets else []) | set(stored_seed_budgets(store, P))
-    # and the initial models' evaluations wherever one is stored (--frontier.floor)
-    floor = cfg.floor or bool(glob.glob(store.path("pt/*/s0/*")))
-    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets="", floor=floor,
-                                    seed_budgets=",".join(map(str, sorted(seeded)))), P, arms, store)
+    # and the initial models the record holds (or --frontier.floor plans)
+    floors = [a for a in floor_arms(arms) if cfg.floor or store.result(job_name(a.name, 0, P.seeds[0], None))]
+    jobs = plan(dataclasses.replace(cfg, stages="pretrain,blimp,finetune", budgets="",
+                                    seed_budgets=",".join(map(str, sorted(seeded)))), P, arms, store, floors)
     return report(store, jobs, P, arms, cfg, header, unigram) if "report" in stages else {"jobs": jobs}
 
 
