@@ -113,8 +113,8 @@ class FrontierConfig:
     # rows and masks); false: that evaluation fails, saying how to remake the model
     rebuild: bool = False
     # also score each model as initialized (0 pretraining steps, the first seed): BLiMP and the whole finetuning sweep,
-    # so that the record shows what pretraining adds downstream at all. One per distinct initial model: the first
-    # planned arm of each recipe (and of each KBERT model override; kbert-wd, -sep and -mask30 start as kbert does)
+    # so that the record shows what pretraining adds downstream at all. One per distinct initial model among the arms,
+    # named after the first arm of ARMS and ABLATIONS with it (floor_arms: kbert for kbert-wd, -sep and -mask30)
     floor: bool = False
     # keep polling until every planned run (of any stage) is done, e.g. a second process that only finetunes
     # (--frontier.stages blimp,finetune) beside one that pretrains; false: stop when nothing is ready
@@ -1091,6 +1091,7 @@ def blimp_cell(e: dict, none="-") -> str:
 
 
 def loss_note(e: dict, bar: str) -> str:
+    """What a final loss cell adds: an initial model, or a run not past the unigram bar."""
     if not e["budget_steps"]:
         return " (initialization)"
     return "" if e["past_unigram"] else f" (not past {bar})"
@@ -1110,8 +1111,7 @@ def table(entries: list[dict]) -> str:
             "BLiMP %"] + [f"{t} (median{' -> best (its lr)' if swept else ''})" for t in tasks]
     lines = [md_rows(head, [[
         e["arm"], f"{e['tokens']:,}", str(e["seed"]), fmt(e["lr"], "g", "defaults" if e["budget_steps"] else "- (initialization)"),
-        f"{e['flops']:.3g}",
-        f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + loss_note(e, "unigram - 0.5"),
+        f"{e['flops']:.3g}", f"{e['wall_s']:.0f}", f"{e['final_val_loss']:.3f}" + loss_note(e, "unigram - 0.5"),
         ratio_cell(e), glue_cell(e["glue_small"]), *([glue_cell(e.get("glue_small_best"))] if swept else []),
         blimp_cell(e), *[task_cell(e, t) for t in tasks]]
         for e in sorted(entries, key=lambda e: (e["budget_steps"], e["seed"], e["arm"]))])]
