@@ -701,7 +701,9 @@ def plan(cfg: FrontierConfig, P: Preset, arms: list[Arm], store, floors: list[Ar
                         "after": [pt]} for task in P.finetune.tasks
                        for lr in list(finetune_runs(store, P, task, pt))[1 + len(P.finetune.lrs):]]
 
-    for arm in (floor_arms(arms) if cfg.floor else []) if floors is None else floors:
+    if floors is None:
+        floors = floor_arms(arms) if cfg.floor else []
+    for arm in floors:
         name = job_name(arm.name, 0, P.seeds[0], None)
         jobs.append({"name": name, "kind": "pretrain", "arm": arm.name, "steps": 0, "seed": P.seeds[0], "after": []})
         evaluations(name)
@@ -1133,8 +1135,8 @@ def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", 
     for e in sorted(entries, key=lambda e: (e["budget_steps"], rank.get(e["arm"], len(rank)), e["arm"], e["seed"])):
         arm = ARM_BY_NAME.get(e["arm"], Arm(e["arm"], e["recipe"], ""))  # a KBERT arm's lr cell: its overrides
         overrides = ["[SEP] ends each document"] * arm.sep + [f"{k} {v}" for k, v in arm.model + arm.train]
-        settings = fmt(e["lr"], "g") if e["lr"] is not None else ", ".join(overrides) or "defaults"
-        settings = settings if e["budget_steps"] else "initialization (no pretraining)"
+        settings = ("initialization (no pretraining)" if not e["budget_steps"] else fmt(e["lr"], "g") if e["lr"] is not None
+                    else ", ".join(overrides) or "defaults")
         ratio = ratio_cell(e) if e["recipe"] == "kbert" else (
             "(the baseline)" if e["arm"] == e.get("best_baseline", {}).get("arm") else "-")
         rows.append([

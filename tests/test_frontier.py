@@ -290,7 +290,7 @@ def test_the_floor_scores_each_initial_model_once_before_the_budgets():
     assert names.index("pt/kbert-nounet/s0/seed0") < names.index("pt/kbert-wd/s2000/seed0")
     for pt in ("kbert/s0/seed0", "modernbert/s0/seed0"):
         assert {f"blimp/{pt}", f"ft/rte/{pt}", f"ft/cola/{pt}/flr0.006"} <= set(names)
-    assert not [n for n in F.plan(dataclasses.replace(cfg, floor=False), P, arms, Pretrained()) if "/s0/" in n["name"]]
+    assert not [j for j in F.plan(dataclasses.replace(cfg, floor=False), P, arms, Pretrained()) if "/s0/" in j["name"]]
 
 
 def test_a_report_plans_the_second_seeds_it_finds_stored(tmp_path):
