@@ -44,8 +44,10 @@ Resumable: every pretraining, BLiMP and finetuning run stores its result in the 
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
 (a digest of the files that run it; the commit is recorded beside it). Rerunning the same
 command skips finished runs and continues the rest; a stored result whose key differs is
-refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again). An
-evaluation counts only for the model it scored: a pretraining run made again runs its evaluations again.
+refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again). Under
+keep, a pretraining run is refused before its first step if the arm's stored runs trained with
+other settings (trainer.py's defaults changed since): one arm, one recipe. An evaluation counts
+only for the model it scored: a pretraining run made again runs its evaluations again.
 Several processes may work on one record at once (a run is claimed by a lock file), e.g. one
 per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
 The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored); a model
@@ -446,16 +448,67 @@ def baseline_setup(arm: Arm, P: Preset, steps: int, lr: float, seed: int, device
                                                                               for k, v in R.items()}}
 
 
-def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device, log_dir: str) -> dict:
+def recipe(header: dict) -> dict:
+    """The settings a pretraining run trained with, as its log's first line gives them (trainer.py's
+    whole config for KBERT, the published settings for a baseline), flat ("train.weight_decay"),
+    less what each run sets for itself (seed, steps, lr, run id, export folder). Windows are clipped
+    to the sequence, as trainer.py has clipped them since 54592b3: the same attention either way."""
+    flat = {}
+
+    def walk(d: dict, prefix: str):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in ("train.run_id", "train.seed", "train.steps", "train.export_dir"):
+                flat[f"{prefix}{k}"] = v
+
+    walk(header.get("config", header.get("recipe_settings", {})), "")
+    seq_len = flat.get("data.seq_len")
+    for k in flat:
+        if seq_len and k.endswith(("_window", "_window_start", "_window_end")):
+            flat[k] = min(flat[k], seq_len)
+    return flat
+
+
+def recipe_change(store, job: dict, header: dict) -> str | None:
+    """Why a pretraining run must not be added to (or rebuilt in) its arm, or None: a stored run of
+    the same arm that counts was trained with other settings (say trainer.py's defaults changed
+    since, as weight_decay did in 5ea40e7), so the new run would put another recipe under the
+    arm's name, or a rebuild could not end as stored. Initial models (0 steps) train nothing."""
+    if job["steps"] == 0:
+        return None
+    now = recipe(json.loads(json.dumps(header, default=str)))  # as its log will read
+    for path in sorted(glob.glob(store.path(f"pt/{job['arm']}/*"))):
+        stored = json.load(open(path))
+        made = stored["key"]["job"]
+        log = os.path.join(os.path.dirname(store.folder), stored["result"].get("log", ""))
+        if (made["arm"] != job["arm"] or made["steps"] == 0 or not os.path.isfile(log)
+                or (store.on_change == "redo" and stored["key"] != store.job_key(made))):  # to be made again anyway
+            continue
+        then = recipe(json.loads(open(log).readline()))
+        differ = [f"{k} {then[k]!r} (now {now[k]!r})" for k in sorted(set(then) & set(now)) if then[k] != now[k]]
+        if differ:
+            return (f"{job['arm']}'s stored run {made['name']} (commit {stored.get('commit')}) trained with "
+                    f"{', '.join(differ)}: a run made now would put another recipe under the arm's name; run it from a "
+                    f"checkout whose settings match, add the change as an arm of its own (ABLATIONS), or give another "
+                    f"--frontier.out")
+    return None
+
+
+def pretrain(job: dict, P: Preset, cfg: FrontierConfig, files: dict, val, device, log_dir: str, store) -> dict:
     """Train one arm on the shared stream for one budget, scoring the fixed validation set
     `evals` times along the way; export the model. Wall and CPU seconds count the training
-    steps only; a compiled model's first step (its compile) is counted apart."""
+    steps only; a compiled model's first step (its compile) is counted apart. Refused before
+    any step if the arm's stored runs trained with other settings (recipe_change)."""
     arm, steps, seed, lr, name = ARM_BY_NAME[job["arm"]], job["steps"], job["seed"], job.get("lr"), job["name"]
     work = os.path.abspath(cfg.work_dir)
     torch.manual_seed(seed)
     setup = (kbert_setup(arm, P, steps, seed, device, work, name) if arm.recipe == "kbert"
              else baseline_setup(arm, P, steps, lr, seed, device, work, name))
     model, step, masked_loss, export, extra = setup
+    why = recipe_change(store, job, extra)
+    if why:
+        raise RuntimeError(why)
     params = sum(p.numel() for p in model.parameters())
     # the ordinary tokens' digest covers half the smallest budget: every arm reads at least that many
     stream = Stream(files["train"], P.seq_len, sep=arm.sep, prefix=P.budgets[0] * P.batch_seqs * P.seq_len // 2)
@@ -555,7 +608,7 @@ def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val,
     t0 = time.perf_counter()
     # the record keeps the rebuild's log beside the original's
     again = pretrain(job, P, dataclasses.replace(cfg, work_dir=scratch), files, val, device,
-                     os.path.join(cfg.out, "logs", "rebuild"))
+                     os.path.join(cfg.out, "logs", "rebuild"), store)
     stored = made["result"]
     if any(again[k] != stored[k] for k in ("final_val_loss", "data_digest", "val_digest")):
         shutil.rmtree(scratch)
@@ -1337,7 +1390,7 @@ def main(argv=None) -> dict:
             print(f"== {job['name']} ({len(pending)} runs to go)", flush=True)
             stamp, rebuilt_s = None, None
             if job["kind"] == "pretrain":
-                result = pretrain(job, P, cfg, files, val, device, log_dir)
+                result = pretrain(job, P, cfg, files, val, device, log_dir, store)
             else:
                 made = store.load(job["pretrained"])  # its model, and the stamp its result will carry
                 model_dir, stamp = made["result"]["model"], store.stamp(made)

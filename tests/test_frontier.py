@@ -495,6 +495,30 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
         F.main(smoke)
     F.main(smoke + ["--frontier.on_change", "keep"])
     assert "== pt/" not in capsys.readouterr().out
+    # a run added to an arm whose stored runs trained with other settings is refused before its first step
+    monkeypatch.setitem(F.ARM_BY_NAME, "kbert", dataclasses.replace(F.ARM_BY_NAME["kbert"], train=(("weight_decay", 0.2),)))
+    added = F.job_name("kbert", P.budgets[1], 1, None)
+    F.main(smoke + ["--frontier.on_change", "keep", "--frontier.arms", "kbert", "--frontier.stages", "pretrain",
+                    "--frontier.seed_budgets", str(P.budgets[1])])
+    out = capsys.readouterr().out
+    assert f"!! {added} failed" in out and "trained with train.weight_decay 0.05 (now 0.2)" in out, out[-2000:]
+    assert not (tmp_path / "record" / "runs" / (added.replace("/", "__") + ".json")).exists()
+    assert not (tmp_path / "record" / "logs" / (added.replace("/", "_") + ".txt")).exists()
+
+
+def test_a_recipe_is_a_runs_settings_less_its_own_seed_steps_and_names():
+    """What recipe_change compares: trainer.py's config less what each run sets for itself, windows
+    clipped to the sequence (trainer.py clips them: the same attention); a baseline's settings."""
+    def header(**train):
+        return {"config": {"train": {"run_id": "a", "seed": 0, "steps": 10, "export_dir": "x", "weight_decay": 0.0,
+                                     "global_window_end": 8192, **train},
+                           "data": {"seq_len": 512}, "model": {"global_window": 8192, "local_window": 128}}}
+
+    assert F.recipe(header(run_id="b", seed=1, steps=20, export_dir="y")) == F.recipe(header())
+    assert F.recipe(header(global_window_end=512)) == F.recipe(header())
+    assert F.recipe(header())["model.global_window"] == 512 and F.recipe(header())["model.local_window"] == 128
+    assert F.recipe(header(weight_decay=0.05)) != F.recipe(header())
+    assert F.recipe({"lr": 1e-3, "recipe_settings": {"betas": [0.9, 0.98], "clip": 0.0}}) == {"betas": [0.9, 0.98], "clip": 0.0}
 
 
 def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_path, monkeypatch, tok):
