@@ -44,9 +44,9 @@ Resumable: every pretraining, BLiMP and finetuning run stores its result in the 
 runs/ folder when it ends, keyed by its config, the data (the shards' digest) and the code
 (a digest of the files that run it; the commit is recorded beside it). Rerunning the same
 command skips finished runs and continues the rest; a stored result whose key differs is
-refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again). Under
-keep, a pretraining run is refused before its first step if the arm's stored runs trained with
-other settings (trainer.py's defaults changed since): one arm, one recipe. An evaluation counts
+refused unless --frontier.on_change keep (use it, its key is recorded) or redo (run again). A
+pretraining run (or a rebuild) is refused before its first step if the arm's stored runs trained
+with other settings (trainer.py's defaults changed since): one arm, one recipe. An evaluation counts
 only for the model it scored: a pretraining run made again runs its evaluations again.
 Several processes may work on one record at once (a run is claimed by a lock file), e.g. one
 per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
@@ -450,9 +450,9 @@ def baseline_setup(arm: Arm, P: Preset, steps: int, lr: float, seed: int, device
 
 def recipe(header: dict) -> dict:
     """The settings a pretraining run trained with, as its log's first line gives them (trainer.py's
-    whole config for KBERT, the published settings for a baseline), flat ("train.weight_decay"),
-    less what each run sets for itself (seed, steps, lr, run id, export folder). Windows are clipped
-    to the sequence, as trainer.py has clipped them since 54592b3: the same attention either way."""
+    whole config for KBERT less the run's own seed, steps, run id and export folder; a baseline's
+    published settings, its swept lr apart), flat ("train.weight_decay"). The model's windows are
+    clipped to the sequence, as trainer.py has clipped them since 54592b3: the same attention."""
     flat = {}
 
     def walk(d: dict, prefix: str):
@@ -463,10 +463,9 @@ def recipe(header: dict) -> dict:
                 flat[f"{prefix}{k}"] = v
 
     walk(header.get("config", header.get("recipe_settings", {})), "")
-    seq_len = flat.get("data.seq_len")
-    for k in flat:
-        if seq_len and k.endswith(("_window", "_window_start", "_window_end")):
-            flat[k] = min(flat[k], seq_len)
+    for k in ("model.local_window", "model.global_window"):
+        if k in flat:
+            flat[k] = min(flat[k], flat["data.seq_len"])
     return flat
 
 
@@ -482,16 +481,18 @@ def recipe_change(store, job: dict, header: dict) -> str | None:
         stored = json.load(open(path))
         made = stored["key"]["job"]
         log = os.path.join(os.path.dirname(store.folder), stored["result"].get("log", ""))
-        if (made["arm"] != job["arm"] or made["steps"] == 0 or not os.path.isfile(log)
+        if (made["steps"] == 0 or not os.path.isfile(log)
                 or (store.on_change == "redo" and stored["key"] != store.job_key(made))):  # to be made again anyway
             continue
-        then = recipe(json.loads(open(log).readline()))
-        differ = [f"{k} {then[k]!r} (now {now[k]!r})" for k in sorted(set(then) & set(now)) if then[k] != now[k]]
+        with open(log) as f:
+            then = recipe(json.loads(f.readline()))
+        differ = [f"{k} {then.get(k, '<absent>')!r} (now {now.get(k, '<absent>')!r})"
+                  for k in sorted(set(then) | set(now)) if then.get(k, "<absent>") != now.get(k, "<absent>")]
         if differ:
             return (f"{job['arm']}'s stored run {made['name']} (commit {stored.get('commit')}) trained with "
-                    f"{', '.join(differ)}: a run made now would put another recipe under the arm's name; run it from a "
-                    f"checkout whose settings match, add the change as an arm of its own (ABLATIONS), or give another "
-                    f"--frontier.out")
+                    f"{', '.join(differ)}: the arm's settings changed since, and {job['name']} would not be made with "
+                    "them; run it from a checkout whose settings match, pin the stored values in the arm (its Arm's "
+                    "train or model), add the change as an arm of its own (ABLATIONS), or give another --frontier.out")
     return None
 
 

@@ -506,19 +506,41 @@ def test_smoke_frontier_is_fair_and_resumable(smoke, tmp_path, tok, capsys, monk
     assert not (tmp_path / "record" / "logs" / (added.replace("/", "_") + ".txt")).exists()
 
 
-def test_a_recipe_is_a_runs_settings_less_its_own_seed_steps_and_names():
-    """What recipe_change compares: trainer.py's config less what each run sets for itself, windows
-    clipped to the sequence (trainer.py clips them: the same attention); a baseline's settings."""
-    def header(**train):
-        return {"config": {"train": {"run_id": "a", "seed": 0, "steps": 10, "export_dir": "x", "weight_decay": 0.0,
+def test_a_run_is_refused_when_its_arms_stored_runs_trained_with_other_settings(tmp_path):
+    """recipe_change compares trainer.py's config less each run's own seed, steps and names (the
+    model's windows clipped to the sequence, as trainer.py clips them) with the arm's stored runs
+    that count: not another arm's, not a floor's, not one on_change redo will make again."""
+    def header(wd=0.0, **train):
+        return {"config": {"train": {"run_id": "a", "seed": 0, "steps": 10, "export_dir": "x", "weight_decay": wd,
                                      "global_window_end": 8192, **train},
                            "data": {"seq_len": 512}, "model": {"global_window": 8192, "local_window": 128}}}
 
     assert F.recipe(header(run_id="b", seed=1, steps=20, export_dir="y")) == F.recipe(header())
-    assert F.recipe(header(global_window_end=512)) == F.recipe(header())
-    assert F.recipe(header())["model.global_window"] == 512 and F.recipe(header())["model.local_window"] == 128
-    assert F.recipe(header(weight_decay=0.05)) != F.recipe(header())
+    assert F.recipe(header())["model.global_window"] == 512 and F.recipe(header())["train.global_window_end"] == 8192
     assert F.recipe({"lr": 1e-3, "recipe_settings": {"betas": [0.9, 0.98], "clip": 0.0}}) == {"betas": [0.9, 0.98], "clip": 0.0}
+    key = {"config": {"pretrain": {"d": 1}, "eval": {"e": 1}}, "data": "d", "code": {"pretrain": "p", "eval": "v"}}
+
+    def stored(store, arm, steps, wd):
+        job = {"name": F.job_name(arm, steps, 0, None), "kind": "pretrain", "arm": arm, "steps": steps, "seed": 0}
+        log = tmp_path / "logs" / (job["name"].replace("/", "_") + ".txt")
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(json.dumps(header(wd)) + "\n")
+        store.save(job, {"final_val_loss": 4.0, "log": os.path.relpath(log, tmp_path)})
+
+    new = {"name": "pt/kbert/s2000/seed1", "arm": "kbert", "steps": 2000, "seed": 1}
+    store = F.Store(str(tmp_path), key, "keep")
+    stored(store, "kbert", 0, 0.05)  # a floor trains nothing: its settings do not count
+    stored(store, "kbert-wd", 1000, 0.0)  # another arm
+    assert F.recipe_change(store, new, header(0.05)) is None
+    stored(store, "kbert", 1000, 0.0)
+    why = F.recipe_change(store, new, header(0.05))
+    assert "pt/kbert/s1000/seed0" in why and "train.weight_decay 0.0 (now 0.05)" in why
+    assert F.recipe_change(store, new, header(0.0)) is None
+    assert F.recipe_change(store, {**new, "steps": 0}, header(0.05)) is None  # a floor of its own
+    assert "train.new_option '<absent>' (now 1)" in F.recipe_change(store, new, header(0.0, new_option=1))
+    other_code = {**key, "code": {"pretrain": "q", "eval": "v"}}  # redo makes the stored run again: it does not count
+    assert F.recipe_change(F.Store(str(tmp_path), other_code, "redo"), new, header(0.05)) is None
+    assert F.recipe_change(F.Store(str(tmp_path), other_code, "keep"), new, header(0.05)) is not None
 
 
 def test_a_run_that_reads_other_rows_or_masks_changes_its_digests(smoke, tmp_path, monkeypatch, tok):
