@@ -1201,6 +1201,25 @@ def short_table(entries: list[dict], arms: list[Arm], lr: float, tasks=("sst2", 
     return md_rows(head, rows)
 
 
+def floor_table(entries: list[dict], arms: list[Arm], lr: float) -> str:
+    """Each arm against its model as initialized (its floor: floor_arms), budget by budget: GLUE-small
+    at the protocol's lr and at each task's best, BLiMP. A budget's values are its pretraining seeds."""
+    budgets = sorted({(e["budget_steps"], e["tokens"]) for e in entries if e["budget_steps"]})
+    metrics = {f"GLUE-small at {lr:g}": lambda e: (e["glue_small"] or {}).get("median"),
+               "GLUE-small, best lr per task": lambda e: (e.get("glue_small_best") or {}).get("median"),
+               "BLiMP %": lambda e: None if e["blimp"] is None else 100 * e["blimp"]}
+
+    def cell(arm: str, steps: int, value) -> str:
+        runs = sorted((e for e in entries if e["arm"] == arm and e["budget_steps"] == steps), key=lambda e: e["seed"])
+        return ", ".join(fmt(value(e), ".1f", "not run") for e in runs) or "-"
+
+    head = ["arm"] + [f"{m}: initialization / " + " / ".join(f"{t / 1e6:.1f}M" for _, t in budgets) for m in metrics]
+    rows = [[a.name] + [" / ".join([cell(floor_arms([a])[0].name, 0, value)] + [cell(a.name, b, value) for b, _ in budgets])
+                        for value in metrics.values()]
+            for a in arms if any(e["arm"] == a.name for e in entries)]
+    return md_rows(head, rows)
+
+
 def plot(entries: list[dict], path: str):
     import matplotlib
 
@@ -1279,14 +1298,17 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
            "entries": [{k: v for k, v in e.items() if k != "curve"} | {"curve": e["curve"]} for e in entries]}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
+    floor = ("Against the floor: each arm's model as initialized and pretrained (medians over the finetuning seeds; a "
+             f"budget's values are its pretraining seeds):\n\n{floor_table(entries, arms, P.finetune.lr)}\n\n"
+             if any(not e["budget_steps"] for e in entries) else "")
     md = (f"`{header['command']}`, code {header['code']['pretrain']} (pretraining) / {header['code']['eval']} (evaluation), "
           f"commit {header['commit']}, {header['device']}, torch "
           f"{header['torch']}, transformers {header['transformers']}\n\nUnigram cross-entropy of the validation masks "
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
           f"finished.\n\n{table(entries)}\n\nThe same, short (README.md's table):\n\n"
-          f"{short_table(entries, arms, P.finetune.lr)}\n\nCore-hours of the finished runs (each on one core, one thread; "
-          f"pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
+          f"{short_table(entries, arms, P.finetune.lr)}\n\n{floor}Core-hours of the finished runs (each on one core, one "
+          f"thread; pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
           f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
                                               f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))
     with open(os.path.join(cfg.out, "results.md"), "w") as f:

@@ -592,7 +592,12 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     floors = [e for e in report["entries"] if e["budget_steps"] == 0]
     assert [(e["arm"], e["tokens"], e["flops"], e["lr"]) for e in floors] == [("kbert", 0, 0, None), ("modernbert", 0, 0, None)]
     assert all(e["final_val_loss"] > e["unigram_loss"] and "token_ratio" not in e for e in floors)
-    assert (tmp_path / "record" / "results.md").read_text().count("initialization (no pretraining)") == 2
+    md = (tmp_path / "record" / "results.md").read_text()
+    assert md.count("initialization (no pretraining)") == 2
+    # against the floor: an arm's model as initialized, then each budget's pretraining seeds
+    glue = [", ".join(f"{e['glue_small']['median']:.1f}" for e in sorted(report["entries"], key=lambda e: e["seed"])
+                      if e["arm"] == "modernbert" and e["budget_steps"] == b) for b in [0, *P.budgets]]
+    assert "| modernbert | " + " / ".join(glue) + " | " in md.split("Against the floor")[1]
     for e in report["entries"]:
         assert e["tasks"].keys() == set(P.finetune.tasks), e["arm"]
         assert all(set(per) == set(seeds) for per in e["tasks"].values())
