@@ -477,6 +477,7 @@ def recipe_change(store, job: dict, header: dict) -> str | None:
     if job["steps"] == 0:
         return None
     now = recipe(json.loads(json.dumps(header, default=str)))  # as its log will read
+    absent = "<absent>"  # a setting one side does not have (an option added or removed since)
     for path in sorted(glob.glob(store.path(f"pt/{job['arm']}/*"))):
         stored = json.load(open(path))
         made = stored["key"]["job"]
@@ -486,7 +487,6 @@ def recipe_change(store, job: dict, header: dict) -> str | None:
             continue
         with open(log) as f:
             then = recipe(json.loads(f.readline()))
-        absent = "<absent>"  # a setting one side does not have (an option added or removed since)
         differ = [f"{k} {then.get(k, absent)!r} (now {now.get(k, absent)!r})"
                   for k in sorted(set(then) | set(now)) if then.get(k, absent) != now.get(k, absent)]
         if differ:
@@ -1206,6 +1206,7 @@ def floor_table(entries: list[dict], arms: list[Arm], lr: float) -> str:
     """Each arm against its model as initialized (its floor: floor_arms), budget by budget: GLUE-small
     at the protocol's lr and at each task's best, BLiMP. A budget's values are its pretraining seeds."""
     tokens = {e["budget_steps"]: e["tokens"] for e in entries if e["budget_steps"]}  # a budget's tokens, its column
+    budgets = sorted(tokens)
     metrics = {f"GLUE-small at {lr:g}": lambda e: (e["glue_small"] or {}).get("median"),
                "GLUE-small, best lr per task": lambda e: (e.get("glue_small_best") or {}).get("median"),
                "BLiMP %": lambda e: None if e["blimp"] is None else 100 * e["blimp"]}
@@ -1214,13 +1215,13 @@ def floor_table(entries: list[dict], arms: list[Arm], lr: float) -> str:
         runs = sorted((e for e in entries if e["arm"] == arm and e["budget_steps"] == steps), key=lambda e: e["seed"])
         return ", ".join(fmt(value(e), ".1f", "not run") for e in runs) or "-"
 
-    head = ["arm"] + [f"{m}: initialization / " + " / ".join(f"{tokens[b] / 1e6:.1f}M" for b in sorted(tokens))
+    head = ["arm"] + [f"{m}: initialization / " + " / ".join(f"{tokens[b] / 1e6:.1f}M" for b in budgets)
                       for m in metrics]
     rows = []
     for a in arms:
         if any(e["arm"] == a.name for e in entries):
             floor = floor_arms([a])[0].name
-            rows.append([a.name] + [" / ".join([cell(floor, 0, value)] + [cell(a.name, b, value) for b in sorted(tokens)])
+            rows.append([a.name] + [" / ".join([cell(floor, 0, value)] + [cell(a.name, b, value) for b in budgets])
                                     for value in metrics.values()])
     return md_rows(head, rows)
 
