@@ -618,7 +618,7 @@ def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val,
         raise RuntimeError(f"{name} pretrained again ends at validation loss {again['final_val_loss']!r} (data "
                            f"{again['data_digest']}, masks {again['val_digest']}), not at its stored "
                            f"{stored['final_val_loss']!r} ({stored['data_digest']}, {stored['val_digest']}): its "
-                           f"evaluations would not score the model they scored; pretrain it anew: {anew(job, store)}")
+                           f"evaluations would not score the model they scored; pretrain it anew: {anew(job, store, P)}")
     os.makedirs(os.path.dirname(stored["model"]), exist_ok=True)
     os.replace(again["model"], stored["model"])
     shutil.rmtree(scratch)
@@ -627,11 +627,14 @@ def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val,
     return seconds
 
 
-def anew(job: dict, store) -> str:
-    """How to pretrain a stored run anew (its stored evaluations then run again)."""
-    if job["steps"]:
-        return f"--frontier.arms {job['arm']} --frontier.budgets {job['steps']} --frontier.on_change redo"
-    return f"remove {store.path(job['name'])} and rerun with --frontier.arms {job['arm']} --frontier.floor true"
+def anew(job: dict, store, P: Preset) -> str:
+    """How to pretrain a stored run anew (its stored evaluations then run again). Its stored result
+    must go: on_change redo remakes only a run stored under another key, and a rebuild's run is not."""
+    if not job["steps"]:
+        return f"remove {store.path(job['name'])} and rerun with --frontier.arms {job['arm']} --frontier.floor true"
+    second = f" --frontier.seed_budgets {job['steps']}" if job["seed"] != P.seeds[0] else ""
+    return (f"remove {store.path(job['name'])} and rerun with --frontier.arms {job['arm']} "
+            f"--frontier.budgets {job['steps']}{second}")
 
 
 def wait_while_paused(cfg: FrontierConfig):
@@ -1427,7 +1430,7 @@ def main(argv=None) -> dict:
                     if not cfg.rebuild:
                         raise OSError(f"{job['pretrained']}'s model folder {model_dir} is gone (--frontier.work_dir is "
                                       "not part of the record): add --frontier.rebuild true to pretrain it again as it was "
-                                      f"made, or pretrain it anew ({anew(made['key']['job'], store)}), which runs its "
+                                      f"made, or pretrain it anew ({anew(made['key']['job'], store, P)}), which runs its "
                                       "stored evaluations again too")
                     if not store.claim(job["pretrained"]):  # another process is rebuilding it: this run waits
                         continue

@@ -620,7 +620,7 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     (runs_dir / "ft__rte__kbert__s6__seed0.json").unlink()
     F.main(args)
     failed = (runs_dir / "ft__rte__kbert__s6__seed0.failed").read_text()
-    assert "model folder" in failed and "--frontier.arms kbert --frontier.budgets 6 --frontier.on_change redo" in failed
+    assert "model folder" in failed and "--frontier.arms kbert --frontier.budgets 6" in failed
     assert "--frontier.rebuild true" in failed
     # --frontier.rebuild true pretrains it again (in a scratch folder) and, as it ends exactly as stored, the evaluation runs
     made = runs_dir / "pt__kbert__s6__seed0.json"
@@ -643,3 +643,13 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     assert "pretrained again ends at validation loss" in failed and "not at its stored 9.5" in failed
     assert capsys.readouterr().out.count("== rebuilding pt/kbert/s6/seed0") == 1
     assert not os.path.exists(stored["result"]["model"])
+    # pretrained anew as the refusal says (its stored run removed, the command rerun; on_change redo would not remake
+    # a run stored under today's key): a new model, and every one of its evaluations runs again on it
+    assert f"pretrain it anew: remove {made} and rerun with --frontier.arms kbert --frontier.budgets 6" in failed
+    made.unlink()
+    F.main(args)
+    again = json.loads(made.read_text())
+    assert again["run"] != stored["run"] and os.path.isdir(again["result"]["model"])
+    evaluations = [json.loads(p.read_text()) for p in runs_dir.glob("*__kbert__s6__seed0*.json") if p != made]
+    assert len(evaluations) == 1 + len(P.finetune.tasks)
+    assert all(e["pretrained_run"] == again["run"] for e in evaluations)
