@@ -1082,7 +1082,7 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
             "tasks": {t: r["per_seed"] for t, r in ft.items()}, "glue_small": glue_small(ft) if len(ft) == len(
                 P.finetune.tasks) else None, "blimp": bl["accuracy"] if bl else None, "sweep": sweep,
             "curve": pt["curve"], "data_digest": pt["data_digest"], "val_digest": pt["val_digest"],
-            "log": pt["log"], "threads": pt.get("threads"), **sweep_cols})
+            "log": pt["log"], "threads": pt.get("threads"), "cpu": pt.get("cpu"), **sweep_cols})
 
     for arm in floor_arms(arms):  # the initial models (--frontier.floor), where they were scored
         add(arm, 0, P.seeds[0], None, [])
@@ -1106,13 +1106,22 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
         best = min(base, key=lambda e: e["final_val_loss"])
         for e in at:
             e["best_baseline"] = {"arm": best["arm"], "final_val_loss": best["final_val_loss"], "tokens": best["tokens"],
-                                  "wall_s": best["wall_s"]}
+                                  "wall_s": best["wall_s"], "threads": best["threads"], "cpu": best["cpu"]}
             tok, wall = crossing(e["curve"], best["final_val_loss"], "tokens"), crossing(e["curve"], best["final_val_loss"], "wall_s")
             e["tokens_to_best_baseline"] = tok
             e["wall_s_to_best_baseline"] = wall
             e["token_ratio"] = tok / best["tokens"] if tok is not None else None
             e["wall_ratio"] = wall / best["wall_s"] if wall is not None and best["wall_s"] else None
+            if wall_apart(e, best):  # other threads or another cpu: the wall times do not compare
+                e["wall_ratio"] = None
     return entries
+
+
+def wall_apart(e: dict, base: dict) -> str | None:
+    """Why a run's wall time does not compare with its baseline's (other threads or another cpu,
+    where both runs stored them), or None."""
+    differ = [f"{k} {e[k]} against {base[k]}" for k in ("threads", "cpu") if e.get(k) and base.get(k) and e[k] != base[k]]
+    return ", ".join(differ) or None
 
 
 def fmt(x, spec, none="-"):
@@ -1143,7 +1152,9 @@ def ratio_cell(e: dict) -> str:
         return "- (no pretraining)"
     if "token_ratio" not in e:
         return "- (no baseline of this seed)"
-    return f"{fmt(e['token_ratio'], '.2f', 'never')} / {fmt(e['wall_ratio'], '.2f', 'never')}"
+    apart = wall_apart(e, e["best_baseline"])
+    wall = f"- ({apart})" if apart else fmt(e["wall_ratio"], ".2f", "never")
+    return f"{fmt(e['token_ratio'], '.2f', 'never')} / {wall}"
 
 
 def blimp_cell(e: dict, none="-") -> str:
@@ -1285,8 +1296,8 @@ def plot(entries: list[dict], path: str):
 
 
 def core_hours(store: Store, jobs: list[dict]) -> dict:
-    """Per arm: the hours its finished runs took, each on one core with one thread (wall time from
-    setup to stored result, compile and validation included), by kind."""
+    """Per arm: the core-hours its finished runs took (wall time from setup to stored result, compile
+    and validation included, times the run's threads; runs stored without them used one), by kind."""
     hours = {}
     for j in jobs:
         r = store.load(j["name"])
@@ -1295,7 +1306,7 @@ def core_hours(store: Store, jobs: list[dict]) -> dict:
         _, arm, budget, *_ = (j["name"] if j["kind"] == "pretrain" else j["pretrained"]).split("/")  # pt/<arm>/s<steps>/...
         arm += " (initialization)" if budget == "s0" else ""  # a floor's hours apart from its arm's pretrained models'
         per = hours.setdefault(arm, {"pretrain": 0.0, "blimp": 0.0, "finetune": 0.0})
-        per[j["kind"]] += r["result"]["elapsed_s"] / 3600
+        per[j["kind"]] += r["result"]["elapsed_s"] * (r["result"].get("threads") or 1) / 3600
     return hours
 
 
@@ -1447,6 +1458,9 @@ def main(argv=None) -> dict:
                 else:
                     result = finetune(job, P, cfg, model_dir, os.path.join(log_dir, "finetune"))
             result["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            # what the run's wall time was measured on: a record may be built across machines and thread counts
+            result.setdefault("threads", torch.get_num_threads())
+            result.setdefault("cpu", common.cpu_name())
             if rebuilt_s is not None:
                 result["rebuilt_model_s"] = rebuilt_s
             store.save(job, result, stamp)

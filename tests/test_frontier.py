@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from bench import baselines as B
 from bench import frontier as F
 from data.shards import write_shard
@@ -141,6 +142,29 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert "| kbert-wd | 4.1M | 0 | weight_decay 0.05 | 4.400 |" in rows[4]
     assert rows[5].endswith("| 0.001 | 5.300 | (the baseline) | 40.0 [39.0, 41.0] | not run | not run | 65.0 | - |"), rows[5]
     assert "| 0.0003 | 6.900 (not past the bar) | - |" in rows[6]
+    # a run whose wall time was measured with other threads or on another cpu than its baseline's: no wall ratio
+    apart = entry | {"threads": 2, "cpu": "AMD EPYC", "wall_ratio": None,
+                     "best_baseline": {"arm": "modernbert", "threads": 1, "cpu": "Intel(R) Xeon(R) Processor"}}
+    assert F.ratio_cell(apart) == "0.44 / - (threads 2 against 1, cpu AMD EPYC against Intel(R) Xeon(R) Processor)"
+    assert F.ratio_cell(apart | {"threads": 1}).endswith("/ - (cpu AMD EPYC against Intel(R) Xeon(R) Processor)")
+    assert F.ratio_cell(entry | {"threads": 1, "best_baseline": {"threads": 1}}) == "0.44 / 0.26"  # no cpu stored: compared
+
+
+def test_core_hours_count_each_run_times_its_threads():
+    """A run on two threads holds two cores: its wall time counts twice; runs stored without threads used one."""
+    runs = {"pt/kbert/s4/seed0": {"elapsed_s": 3600.0, "threads": 2}, "blimp/kbert/s4/seed0": {"elapsed_s": 1800.0},
+            "ft/rte/kbert/s4/seed0": {"elapsed_s": 360.0, "threads": 1}, "pt/kbert/s0/seed0": {"elapsed_s": 36.0}}
+
+    class Store:
+        def load(self, name):
+            return {"result": runs[name]} if name in runs else None
+
+    jobs = [{"name": "pt/kbert/s4/seed0", "kind": "pretrain"}, {"name": "pt/kbert/s0/seed0", "kind": "pretrain"},
+            {"name": "blimp/kbert/s4/seed0", "kind": "blimp", "pretrained": "pt/kbert/s4/seed0"},
+            {"name": "ft/rte/kbert/s4/seed0", "kind": "finetune", "pretrained": "pt/kbert/s4/seed0"},
+            {"name": "ft/sst2/kbert/s4/seed0", "kind": "finetune", "pretrained": "pt/kbert/s4/seed0"}]
+    assert F.core_hours(Store(), jobs) == {"kbert": {"pretrain": 2.0, "blimp": 0.5, "finetune": 0.1},
+                                           "kbert (initialization)": {"pretrain": 0.01, "blimp": 0.0, "finetune": 0.0}}
 
 
 def test_the_finetuning_sweep_extends_upward_until_a_tasks_best_is_bracketed():
@@ -605,6 +629,8 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
         assert 0 <= e["blimp"] <= 1
     runs = sorted(p.name for p in (tmp_path / "record" / "runs").glob("ft__*.json"))
     assert len(runs) == len(report["entries"]) * len(P.finetune.tasks)
+    stored = [json.loads(p.read_text())["result"] for p in (tmp_path / "record" / "runs").glob("*.json")]
+    assert all(r["threads"] == torch.get_num_threads() and r["cpu"] == common.cpu_name() for r in stored)
     logs = list((tmp_path / "record" / "logs" / "finetune").glob("*.txt"))
     assert len(logs) == len(runs) and all("validation" in p.read_text() for p in logs)
     # a report alone counts every run of the record, evaluations included, and the core-hours of each kind
