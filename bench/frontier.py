@@ -52,7 +52,8 @@ Several processes may work on one record at once (a run is claimed by a lock fil
 per core: `taskset -c 0 python -m bench.frontier --frontier.threads 1 & taskset -c 1 ...`.
 The exported models and the finetuning outputs go to --frontier.work_dir (git-ignored); a model
 folder lost with it is pretrained again by --frontier.rebuild true, and used only if it ends
-exactly where its stored run ended.
+exactly where its stored run ended: on the CPU model and thread count it was made with (other
+kernels round otherwise; an AMD EPYC's rebuild of an Intel Xeon's run differed by step 200).
 """
 import dataclasses
 import datetime
@@ -628,8 +629,8 @@ def rebuild(made: dict, store, P: Preset, cfg: FrontierConfig, files: dict, val,
 
 
 def anew(job: dict, store, P: Preset) -> str:
-    """How to pretrain a stored run anew (its stored evaluations then run again). Its stored result
-    must go: on_change redo remakes only a run stored under another key, and a rebuild's run is not."""
+    """How to pretrain a stored run anew (its stored evaluations then run again): remove its stored
+    result, as on_change redo remakes only runs stored under another key than today's."""
     if not job["steps"]:
         return f"remove {store.path(job['name'])} and rerun with --frontier.arms {job['arm']} --frontier.floor true"
     second = f" --frontier.seed_budgets {job['steps']}" if job["seed"] != P.seeds[0] else ""
