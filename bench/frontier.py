@@ -1328,8 +1328,8 @@ def report(store: Store, jobs: list[dict], P: Preset, arms: list[Arm], cfg: Fron
           f"(counted on the {unigram['train_tokens']:,} training tokens, {unigram['smoothing']}): "
           f"{unigram['unigram_loss']:.3f}; every run must end at least 0.5 below it. {len(done)} of {len(jobs)} planned runs "
           f"finished.\n\n{table(entries)}\n\nThe same, short (README.md's table):\n\n"
-          f"{short_table(entries, arms, P.finetune.lr)}\n\n{floor}Core-hours of the finished runs (each on one core, one "
-          f"thread; pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
+          f"{short_table(entries, arms, P.finetune.lr)}\n\n{floor}Core-hours of the finished runs (each run's wall time "
+          f"times its threads; pretraining includes the learning-rate sweep):\n\n| arm | pretraining | BLiMP | finetuning | total |\n"
           f"|---|---|---|---|---|\n" + "".join(f"| {a} | {h['pretrain']:.2f} | {h['blimp']:.2f} | {h['finetune']:.2f} | "
                                               f"{sum(h.values()):.2f} |\n" for a, h in hours.items()))
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
