@@ -1107,14 +1107,13 @@ def summarize(store: Store, P: Preset, arms: list[Arm], unigram: dict) -> list[d
         best = min(base, key=lambda e: e["final_val_loss"])
         for e in at:
             e["best_baseline"] = {"arm": best["arm"], "final_val_loss": best["final_val_loss"], "tokens": best["tokens"],
-                                  "wall_s": best["wall_s"], "threads": best["threads"], "cpu": best["cpu"]}
+                                  "wall_s": best["wall_s"]}
             tok, wall = crossing(e["curve"], best["final_val_loss"], "tokens"), crossing(e["curve"], best["final_val_loss"], "wall_s")
             e["tokens_to_best_baseline"] = tok
             e["wall_s_to_best_baseline"] = wall
             e["token_ratio"] = tok / best["tokens"] if tok is not None else None
-            e["wall_ratio"] = wall / best["wall_s"] if wall is not None and best["wall_s"] else None
-            if wall_apart(e, best):  # other threads or another cpu: the wall times do not compare
-                e["wall_ratio"] = None
+            e["wall_apart"] = wall_apart(e, best)  # other threads or another cpu: the wall times do not compare
+            e["wall_ratio"] = wall / best["wall_s"] if wall is not None and best["wall_s"] and not e["wall_apart"] else None
     return entries
 
 
@@ -1153,8 +1152,7 @@ def ratio_cell(e: dict) -> str:
         return "- (no pretraining)"
     if "token_ratio" not in e:
         return "- (no baseline of this seed)"
-    apart = wall_apart(e, e["best_baseline"])
-    wall = f"- ({apart})" if apart else fmt(e["wall_ratio"], ".2f", "never")
+    wall = f"- ({e['wall_apart']})" if e.get("wall_apart") else fmt(e["wall_ratio"], ".2f", "never")
     return f"{fmt(e['token_ratio'], '.2f', 'never')} / {wall}"
 
 

@@ -143,11 +143,11 @@ def test_the_finetuning_sweep_runs_last_and_each_task_reports_its_best_lr():
     assert rows[5].endswith("| 0.001 | 5.300 | (the baseline) | 40.0 [39.0, 41.0] | not run | not run | 65.0 | - |"), rows[5]
     assert "| 0.0003 | 6.900 (not past the bar) | - |" in rows[6]
     # a run whose wall time was measured with other threads or on another cpu than its baseline's: no wall ratio
-    apart = entry | {"threads": 2, "cpu": "AMD EPYC", "wall_ratio": None,
-                     "best_baseline": {"arm": "modernbert", "threads": 1, "cpu": "Intel(R) Xeon(R) Processor"}}
+    run, base = {"threads": 2, "cpu": "AMD EPYC"}, {"threads": 1, "cpu": "Intel(R) Xeon(R) Processor"}
+    apart = entry | run | {"wall_ratio": None, "wall_apart": F.wall_apart(run, base)}
     assert F.ratio_cell(apart) == "0.44 / - (threads 2 against 1, cpu AMD EPYC against Intel(R) Xeon(R) Processor)"
-    assert F.ratio_cell(apart | {"threads": 1}).endswith("/ - (cpu AMD EPYC against Intel(R) Xeon(R) Processor)")
-    assert F.ratio_cell(entry | {"threads": 1, "best_baseline": {"threads": 1}}) == "0.44 / 0.26"  # no cpu stored: compared
+    assert F.wall_apart(run | {"threads": 1}, base) == "cpu AMD EPYC against Intel(R) Xeon(R) Processor"
+    assert F.wall_apart({"threads": 1}, base) is None  # no cpu stored (the record's older runs): compared
 
 
 def test_core_hours_count_each_run_times_its_threads():
@@ -679,3 +679,6 @@ def test_smoke_evaluations_run_every_arm_through_one_finetuner_protocol(smoke, t
     evaluations = [json.loads(p.read_text()) for p in runs_dir.glob("*__kbert__s6__seed0*.json") if p != made]
     assert len(evaluations) == 1 + len(P.finetune.tasks)
     assert all(e["pretrained_run"] == again["run"] for e in evaluations)
+    second = {"name": "pt/kbert/s6/seed1", "arm": "kbert", "steps": 6, "seed": 1}  # a second seed needs its seed budget
+    assert F.anew(second, F.Store(str(tmp_path / "record"), {}, "refuse"), P).endswith(
+        "pt__kbert__s6__seed1.json and rerun with --frontier.arms kbert --frontier.budgets 6 --frontier.seed_budgets 6")
